@@ -1,0 +1,119 @@
+"""Engine configuration: one dataclass per concern, validated where it is built."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: Optional[str], device: torch.device) -> torch.dtype:
+    """Pick the compute dtype.
+
+    "auto" follows the checkpoint on CUDA (float32 checkpoints run in float16 there, as in vLLM),
+    and on CPU keeps float32 checkpoints in float32 and runs 16-bit ones in bfloat16, because CPU
+    float16 matmuls are slow and bfloat16 ones are not.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+        return _DTYPES[dtype]
+    ckpt = _DTYPES.get(str(checkpoint_dtype or "float32").replace("torch.", ""), torch.float32)
+    if device.type == "cuda":
+        return torch.bfloat16 if ckpt == torch.bfloat16 else torch.float16
+    return torch.float32 if ckpt == torch.float32 else torch.bfloat16
+
+
+def default_device() -> torch.device:
+    """CUDA when there is one, else CPU; nothing below assumes CUDA."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@dataclass
+class ModelConfig:
+    """What to run: the checkpoint folder and how to hold its weights."""
+
+    model: str
+    dtype: str = "auto"
+    max_model_len: Optional[int] = None  # None: the checkpoint's max_position_embeddings
+    seed: int = 0
+    device: Optional[str] = None  # None: cuda if available, else cpu
+    skip_tokenizer_init: bool = False  # benchmarks feed token ids and need no tokenizer
+    hf_config: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
+            raise ValueError("model must be a path to a local checkpoint folder")
+        self.model = str(self.model)
+        if not os.path.isdir(self.model):
+            raise ValueError(f"model folder not found: {self.model!r} (tokenmill loads local checkpoints only)")
+        if not os.path.isfile(os.path.join(self.model, "config.json")):
+            raise ValueError(f"no config.json in model folder {self.model!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.dtype != "auto" and self.dtype not in _DTYPES and not isinstance(self.dtype, torch.dtype):
+            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
+        from transformers import AutoConfig
+
+        try:
+            self.hf_config = AutoConfig.from_pretrained(self.model)
+        except Exception as e:  # transformers raises several types for unknown model_type etc.
+            raise ValueError(f"cannot read config.json in {self.model!r}: {e}") from e
+        derived = getattr(self.hf_config, "max_position_embeddings", None) or getattr(
+            self.hf_config, "n_positions", None) or 2048
+        if self.max_model_len is None:
+            self.max_model_len = int(derived)
+        elif self.max_model_len > derived:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings={derived}")
+        self.torch_device = torch.device(self.device) if self.device else default_device()
+        ckpt_dtype = getattr(self.hf_config, "dtype", None) or getattr(self.hf_config, "torch_dtype", None)
+        self.torch_dtype = resolve_dtype(self.dtype, str(ckpt_dtype) if ckpt_dtype else None, self.torch_device)
+
+
+@dataclass
+class CacheConfig:
+    """The paged KV pool."""
+
+    block_size: int = 16  # tokens per block; any size >= 1 works, 16 is vLLM's default
+    # Bytes for the KV pool. None: on CUDA 90% of free device memory after the weights, less a
+    # reserve for activations; on CPU a quarter of available RAM, capped at what max_num_seqs
+    # full-length sequences could ever use.
+    kv_cache_memory_bytes: Optional[int] = None
+    num_gpu_blocks_override: Optional[int] = None  # tests use tiny pools to force preemption
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ValueError(f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}")
+
+
+@dataclass
+class SchedulerConfig:
+    """How much work one engine step may do."""
+
+    max_num_seqs: int = 64  # sequences in the running batch
+    # Tokens per step (prefill chunks + decodes). None: max(2048, max_model_len) so a whole
+    # prompt usually fits in one step; smaller values make long prompts prefill in chunks.
+    max_num_batched_tokens: Optional[int] = None
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = max(2048, self.max_model_len)
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")

@@ -1,0 +1,179 @@
+"""The engine: requests in, one scheduling + model step at a time, RequestOutputs out."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional, Union
+
+from tokenmill.config import CacheConfig, ModelConfig, SchedulerConfig
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.detokenizer import IncrementalDetokenizer
+from tokenmill.engine.model_runner import ModelRunner
+from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.sequence import Request, Sequence
+from tokenmill.engine.stats import EngineStats
+from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PromptType = Union[str, dict[str, Any]]
+
+
+def _eos_token_ids(model_path: str, hf_config: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    try:
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except (OSError, ValueError):
+        eos = None
+    for source in (eos, getattr(hf_config, "eos_token_id", None),
+                   getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(t) for t in source)
+        if ids:
+            break
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
+                 scheduler_config: SchedulerConfig) -> None:
+        self.model_config = model_config
+        self.scheduler_config = scheduler_config
+        self.tokenizer = None
+        if not model_config.skip_tokenizer_init:
+            from transformers import AutoTokenizer
+
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(model_config.model)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot load the tokenizer from {model_config.model!r}: {e}") from e
+        self.model_runner = ModelRunner(model_config, cache_config, scheduler_config)
+        if self.tokenizer is not None:
+            tok = self.tokenizer
+            self.model_runner.token_text = lambda t: tok.decode([t])
+        self.block_manager = BlockManager(self.model_runner.num_blocks, cache_config.block_size)
+        self.eos_token_ids = _eos_token_ids(model_config.model, model_config.hf_config, self.tokenizer)
+        self.scheduler = Scheduler(scheduler_config, self.block_manager, self.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.stats = EngineStats(kv_blocks_total=self.block_manager.num_blocks)
+        self._next_id = 0
+
+    # -- requests -------------------------------------------------------------------------
+    def tokenize(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
+                    raise ValueError("prompt_token_ids must be a list of integers")
+                return prompt.get("prompt"), list(ids)
+            if "prompt" not in prompt:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+            prompt = prompt["prompt"]
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string or a dict, got {type(prompt).__name__}")
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer (skip_tokenizer_init); pass prompt_token_ids")
+        return prompt, self.tokenizer.encode(prompt)
+
+    def add_request(self, prompt: PromptType, params: SamplingParams, request_id: Optional[str] = None) -> str:
+        """Validate, tokenize and queue a request. Raises ValueError naming what is wrong."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        text, ids = self.tokenize(prompt)
+        vocab = self.model_config.hf_config.vocab_size
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if any(t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        max_len = self.scheduler_config.max_model_len
+        if len(ids) >= max_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {max_len} "
+                             "(prompt plus at least one generated token)")
+        pool_tokens = self.block_manager.num_blocks * self.block_manager.block_size
+        if len(ids) >= pool_tokens:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the whole KV cache holds {pool_tokens}")
+        if request_id is None:
+            request_id = str(self._next_id)
+            self._next_id += 1
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        req = Request(request_id, text, ids, params, self.model_config.seed)
+        for seq in req.seqs:
+            if self.tokenizer is not None:
+                seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
+                                                         params.stop_strings, params.include_stop_str_in_output)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        return request_id
+
+    def abort_request(self, request_ids: Union[str, list[str]]) -> None:
+        """Stop requests now; their KV blocks go back to the pool at once."""
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            req = self.requests.pop(rid, None)
+            if req is not None:
+                self.scheduler.abort(req.seqs)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model, apply results; outputs of every request that progressed."""
+        sched = self.scheduler.schedule()
+        sampled = self.model_runner.execute(sched, self._banned(sched)) if not sched.is_empty else {}
+        # Prompt positions computed this step (recomputation after preemption included).
+        prompt_tokens = sum(max(0, min(q.num_computed_tokens + n, q.num_prompt_tokens) - q.num_computed_tokens)
+                            for q, n in sched.scheduled)
+        finished = self.scheduler.update(sched, sampled)
+        self._update_stats(sched, len(sampled), prompt_tokens)
+        touched = {s.request.request_id: s.request for s, _ in sched.scheduled}
+        touched.update({s.request.request_id: s.request for s in finished})
+        outputs = []
+        for rid, req in touched.items():
+            if req.seqs[0].num_output_tokens and req.metrics.first_token_time is None:
+                req.metrics.first_token_time = time.time()
+            outputs.append(self._make_output(req))
+            if req.finished:
+                self.requests.pop(rid, None)
+                self.stats.num_requests_finished += 1
+        return outputs
+
+    def _banned(self, sched) -> dict[int, list[int]]:
+        """EOS and stop tokens are masked while a sequence is short of min_tokens."""
+        banned = {}
+        for seq, _ in sched.scheduled:
+            p = seq.params
+            if p.min_tokens and seq.num_output_tokens < p.min_tokens:
+                banned[seq.seq_id] = sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids))
+        return banned
+
+    def _update_stats(self, sched, num_sampled: int, prompt_tokens: int) -> None:
+        s = self.stats
+        s.num_steps += 1
+        s.num_requests_running = len({q.request.request_id for q in self.scheduler.running})
+        s.num_requests_waiting = len({q.request.request_id for q in self.scheduler.waiting})
+        s.batch_num_seqs = len(sched.scheduled)
+        s.batch_num_tokens = sched.num_batched_tokens
+        s.kv_blocks_used = self.block_manager.num_used_blocks
+        s.num_preemptions = self.scheduler.num_preemptions
+        s.generation_tokens += num_sampled
+        s.prompt_tokens += prompt_tokens
+
+    def get_stats(self) -> EngineStats:
+        return self.stats
+
+    def _make_output(self, req: Request) -> RequestOutput:
+        outs = []
+        for seq in req.seqs:
+            text = seq.detokenizer.visible_text(seq.is_finished) if seq.detokenizer else ""
+            outs.append(CompletionOutput(
+                index=seq.index, text=text, token_ids=list(seq.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
+                logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, req.prompt_logprobs,
+                             outs, req.finished, req.metrics)

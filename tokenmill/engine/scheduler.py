@@ -1,0 +1,172 @@
+"""Continuous batching under a token budget.
+
+vLLM's rule: "There's no decoding phase nor prefill phase." Each step hands out at most
+`max_num_batched_tokens` tokens; a sequence scheduled for n tokens computes positions
+[num_computed_tokens, num_computed_tokens + n). Running sequences go first (oldest first), then
+waiting ones join while the budget, `max_num_seqs` and the KV pool allow. When the pool runs out,
+the newest running sequence is preempted: its blocks are freed and it is recomputed later.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+from tokenmill.config import SchedulerConfig
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerOutput:
+    """Which sequences run this step and how many of their tokens each computes, in batch order."""
+
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
+    num_batched_tokens: int = 0
+    num_preempted: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    logprob: float
+    top_logprobs: Optional[dict] = None  # token id -> Logprob, when the request asked for them
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 eos_token_ids: set[int]) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.eos_token_ids = eos_token_ids
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self._finished: list[Sequence] = []  # finished since the last update(), for the engine
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if self._make_room(seq, n, out):
+                out.scheduled.append((seq, n))
+                budget -= n
+                i += 1
+            else:
+                break  # seq itself was preempted or finished; it was the last one running
+        # NOTE: after a preemption nothing new is admitted this step: the pool is tight.
+        while (not out.num_preempted and self.waiting and budget > 0
+               and len(self.running) < self.config.max_num_seqs):
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.block_manager.allocate_slots(seq, n):
+                if not self.running:
+                    # Nothing holds blocks, yet this sequence does not fit: it never will.
+                    self.waiting.popleft()
+                    self._finish(seq, "length")
+                    logger.warning("request %s needs more KV blocks than the pool has; finished early",
+                                   seq.request.request_id)
+                    continue
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append((seq, n))
+            budget -= n
+        out.num_batched_tokens = sum(n for _, n in out.scheduled)
+        return out
+
+    def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
+        """Allocate slots for seq, preempting the newest running sequences until it fits."""
+        while not self.block_manager.allocate_slots(seq, n):
+            if len(self.running) == 1:
+                # Alone in the pool and still short: preempting itself would loop forever.
+                self.running.pop()
+                self._finish(seq, "length")
+                logger.warning("request %s outgrew the whole KV pool; finished early",
+                               seq.request.request_id)
+                return False
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.num_preempted += 1
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        logger.debug("preempted %r", seq)
+
+    def update(self, out: SchedulerOutput, sampled: dict[int, SampledToken]) -> list[Sequence]:
+        """Advance computed tokens, append sampled tokens, apply stop rules; return newly finished."""
+        for seq, n in out.scheduled:
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue  # a prompt chunk; nothing sampled yet
+            tok = sampled[seq.seq_id]
+            seq.append_token(tok.token_id, tok.logprob, tok.top_logprobs)
+            self._check_stop(seq, tok.token_id)
+        finished, self._finished = self._finished, []
+        if finished:
+            self.running = [s for s in self.running if not s.is_finished]
+        return finished
+
+    def _check_stop(self, seq: Sequence, token_id: int) -> None:
+        p = seq.params
+        # NOTE: min_tokens holds back every stop rule, stop strings included (vLLM's semantics).
+        enough = seq.num_output_tokens >= p.min_tokens
+        stop_str = seq.detokenizer.append(token_id, enough) if seq.detokenizer is not None else None
+        if stop_str is not None:
+            self._finish(seq, "stop", stop_str)
+        elif not p.ignore_eos and token_id in self.eos_token_ids and enough:
+            self._finish(seq, "stop")
+        elif token_id in p.stop_token_ids and enough:
+            self._finish(seq, "stop", token_id)
+        elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            self._finish(seq, "length")
+        elif seq.num_tokens >= self.config.max_model_len:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: Optional[int | str] = None) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        seq.request.metrics.finished_time = time.time()
+        self._finished.append(seq)
+        if seq.detokenizer is not None and not isinstance(stop_reason, str):
+            seq.detokenizer.flush()
+        self.block_manager.free(seq)
+
+    def abort(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            if seq.is_finished:
+                continue
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            if seq in self.running:
+                self.running.remove(seq)
+            self._finish(seq, "abort")

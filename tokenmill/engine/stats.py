@@ -1,0 +1,28 @@
+"""The numbers that describe load, kept every step: batch size and KV usage first."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class EngineStats:
+    num_requests_running: int = 0
+    num_requests_waiting: int = 0
+    batch_num_seqs: int = 0  # sequences in the last step's batch
+    batch_num_tokens: int = 0  # tokens computed in the last step
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    num_preemptions: int = 0  # cumulative
+    prompt_tokens: int = 0  # cumulative prompt tokens computed (recomputation included)
+    generation_tokens: int = 0  # cumulative tokens sampled
+    num_steps: int = 0
+    num_requests_finished: int = 0
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        d = asdict(self)
+        d["kv_cache_usage"] = self.kv_cache_usage
+        return d

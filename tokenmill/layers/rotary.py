@@ -1,0 +1,64 @@
+"""Rotary position embeddings (RoPE), with the "linear" and "llama3" scalings."""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+
+def rope_inv_freq(head_dim: int, base: float, scaling: Optional[dict[str, Any]]) -> torch.Tensor:
+    """Inverse frequencies for the rotary dims, scaled as the checkpoint's rope_scaling says."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        # Positions divided by the factor is the same as frequencies divided by it.
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, blended, scaled)
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, max_position: int, base: float,
+                 scaling: Optional[dict[str, Any]], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.head_dim, self.max_position, self.base, self.scaling = head_dim, max_position, base, scaling
+        self.dtype = dtype
+        self.init_buffers(torch.get_default_device())
+
+    def init_buffers(self, device: torch.device) -> None:
+        """(Re)compute the cos/sin tables; the loader calls this after building on meta."""
+        inv_freq = rope_inv_freq(self.head_dim, self.base, self.scaling)
+        t = torch.arange(self.max_position, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (max_pos, hd), the rotate-half layout
+        # Computed in float32 and cast once, as transformers does per step.
+        self.register_buffer("cos", emb.cos().to(device=device, dtype=self.dtype), persistent=False)
+        self.register_buffer("sin", emb.sin().to(device=device, dtype=self.dtype), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, H, hd], k: [T, KVH, hd], positions: [T]."""
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

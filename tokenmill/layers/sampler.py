@@ -1,0 +1,108 @@
+"""From logits to next tokens, one row per sequence, each with its own sampling parameters.
+
+Order (vLLM's): min_tokens masking and penalties on the logits; greedy rows take the argmax;
+the others are divided by temperature, filtered by min_p, top_k and top_p, and sampled. The
+returned logprobs are those of the raw model output, before any of the processing above.
+Sampling uses the exponential-race trick (argmax of p / q with q ~ Exp(1)), which draws from p
+and lets each seeded row use its own generator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from tokenmill.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float]  # raw logprob of each sampled token
+    ranks: list[int]  # 1 = the most likely token
+    top_ids: Optional[torch.Tensor] = None  # [S, k] when any row asked for logprobs
+    top_logprobs: Optional[torch.Tensor] = None
+
+
+def apply_penalties(logits: torch.Tensor, prompt_ids: list[list[int]], output_ids: list[list[int]],
+                    params: list[SamplingParams]) -> torch.Tensor:
+    """Repetition (HF-style, prompt + output), presence and frequency (output only) penalties."""
+    S, V = logits.shape
+    for i, p in enumerate(params):
+        if not p.needs_penalties:
+            continue
+        out = torch.tensor(output_ids[i], dtype=torch.long, device=logits.device)
+        counts = torch.bincount(out, minlength=V)[:V].to(logits.dtype) if out.numel() else None
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros(V, dtype=torch.bool, device=logits.device)
+            seen[torch.tensor(prompt_ids[i] + output_ids[i], dtype=torch.long, device=logits.device)] = True
+            row = logits[i]
+            penalised = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+            logits[i] = torch.where(seen, penalised, row)
+        if counts is not None:
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                            min_p: torch.Tensor) -> torch.Tensor:
+    """Mask filtered-out tokens to -inf. top_k 0 / top_p 1 / min_p 0 leave a row alone."""
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(-1)
+        keep = probs >= min_p[:, None] * probs.max(-1, keepdim=True).values
+        logits = logits.masked_fill(~keep, float("-inf"))
+    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        V = logits.shape[-1]
+        ranks = torch.arange(V, device=logits.device)[None, :]
+        k = torch.where(top_k > 0, top_k, V)[:, None]
+        drop = ranks >= k
+        sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass.
+        drop |= (sorted_probs.cumsum(-1) - sorted_probs) > top_p[:, None]
+        drop[:, 0] = False
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
+                 output_ids: list[list[int]], generators: list[Optional[torch.Generator]],
+                 banned: list[list[int]], global_generator: torch.Generator) -> SamplerOutput:
+        """Args:
+            logits: [S, V] for the S sequences that sample this step.
+            banned: per row, token ids masked out (EOS / stop tokens before min_tokens).
+            generators: per row, the request's own generator, or None for the engine's.
+        """
+        logits = logits.float()
+        raw_logprobs = logits.log_softmax(-1)
+        for i, ids in enumerate(banned):
+            if ids:
+                logits[i, ids] = float("-inf")
+        if any(p.needs_penalties for p in params):
+            logits = apply_penalties(logits, prompt_ids, output_ids, params)
+        tokens = logits.argmax(-1)
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if random_rows:
+            rows = torch.tensor(random_rows, dtype=torch.long, device=logits.device)
+            sub = logits[rows] / torch.tensor([params[i].temperature for i in random_rows],
+                                              device=logits.device)[:, None]
+            sub = apply_top_k_top_p_min_p(
+                sub,
+                torch.tensor([params[i].top_k for i in random_rows], device=logits.device),
+                torch.tensor([params[i].top_p for i in random_rows], device=logits.device),
+                torch.tensor([params[i].min_p for i in random_rows], device=logits.device))
+            probs = sub.softmax(-1)
+            # Generators live on the CPU so a seed means the same draws on every device.
+            noise = torch.empty(probs.shape, dtype=torch.float32)
+            for j, i in enumerate(random_rows):
+                noise[j].exponential_(generator=generators[i] or global_generator)
+            tokens[rows] = (probs / noise.to(probs.device)).argmax(-1)
+        chosen = raw_logprobs.gather(-1, tokens[:, None])
+        ranks = (raw_logprobs > chosen).sum(-1) + 1
+        out = SamplerOutput(tokens.tolist(), chosen[:, 0].tolist(), ranks.tolist())
+        k = max((p.logprobs or 0 for p in params), default=0)
+        if k > 0:
+            out.top_logprobs, out.top_ids = raw_logprobs.topk(k, dim=-1)
+        return out

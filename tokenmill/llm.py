@@ -1,0 +1,93 @@
+"""The offline API, mirroring vLLM's `LLM` so users' code carries over."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Sequence, Union
+
+from tqdm import tqdm
+
+from tokenmill.config import CacheConfig, ModelConfig, SchedulerConfig
+from tokenmill.engine.llm_engine import LLMEngine, PromptType
+from tokenmill.outputs import RequestOutput
+from tokenmill.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class LLM:
+    """Generate text from a local Hugging Face checkpoint.
+
+    Args:
+        model: path to a checkpoint folder (config.json, safetensors or .bin, tokenizer files).
+        dtype: "auto", "float32", "bfloat16" or "float16" (see README for what "auto" picks).
+        max_model_len: longest prompt + output; None takes the checkpoint's limit.
+        max_num_seqs: most sequences in one batch.
+        max_num_batched_tokens: token budget per step; long prompts are prefilled in chunks.
+        block_size: tokens per KV block.
+        kv_cache_memory_bytes: bytes for the KV pool; None sizes it from free memory.
+        seed: seed of the engine's generator for unseeded sampling.
+    """
+
+    def __init__(self, model: str, dtype: str = "auto", max_model_len: Optional[int] = None,
+                 max_num_seqs: int = 64, max_num_batched_tokens: Optional[int] = None, block_size: int = 16,
+                 kv_cache_memory_bytes: Optional[int] = None, seed: int = 0, device: Optional[str] = None,
+                 skip_tokenizer_init: bool = False, num_gpu_blocks_override: Optional[int] = None) -> None:
+        model_config = ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                                   device=device, skip_tokenizer_init=skip_tokenizer_init)
+        cache_config = CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                                   num_gpu_blocks_override=num_gpu_blocks_override)
+        scheduler_config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                           max_model_len=model_config.max_model_len)
+        self.llm_engine = LLMEngine(model_config, cache_config, scheduler_config)
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
+                 sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion, batched continuously; outputs in prompt order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        engine = self.llm_engine
+        # Validate everything first, so a bad prompt is refused before any work starts.
+        ids = []
+        try:
+            for p, sp in zip(prompts, params):
+                ids.append(engine.add_request(p, sp))
+        except ValueError:
+            engine.abort_request(ids)
+            raise
+        results: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        bar.update(1)
+        return [results[i] for i in ids]
+
+    def chat(self, messages: Union[list[dict[str, str]], list[list[dict[str, str]]]],
+             sampling_params: Optional[SamplingParams] = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to one or many conversations and generate."""
+        tok = self.llm_engine.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for conv in conversations:
+            if not conv:
+                raise ValueError("a conversation needs at least one message")
+            for m in conv:
+                if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                    raise ValueError(f"each message needs 'role' and 'content', got {m!r}")
+            ids = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=True)
+            prompts.append({"prompt_token_ids": list(ids)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
