@@ -85,8 +85,9 @@ class PagedAttention(nn.Module):
         return out.view(T, self.num_heads * self.head_dim)
 
     def _gather(self, cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        # [..., nb] -> [..., nb * block_size, KVH, hd]
-        g = cache[block_tables]
+        # [..., nb] -> [..., nb * block_size, KVH, hd]; index_select is much cheaper than
+        # advanced indexing for this on CPU.
+        g = cache.index_select(0, block_tables.reshape(-1))
         return g.view(*block_tables.shape[:-1], -1, self.num_kv_heads, self.head_dim)
 
     def _decode(self, q: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:

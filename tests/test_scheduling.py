@@ -1,0 +1,110 @@
+"""Continuous batching under pressure: tiny pools (preemption), odd block sizes, small budgets."""
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import hf_greedy, random_prompts
+from tokenmill import LLM, SamplingParams
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.sequence import Request
+
+LENGTHS = [5, 60, 23, 41, 9, 75, 30, 14]
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def reference(make_checkpoint):
+    path, hf = make_checkpoint("LlamaForCausalLM", num_key_value_heads=2)
+    prompts = random_prompts(LENGTHS, seed=11)
+    return path, prompts, [hf_greedy(hf, p, NEW) for p in prompts]
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 7])
+@pytest.mark.parametrize("pool_tokens,budget", [(None, 2048), (140, 2048), (140, 32)])
+def test_preemption_block_sizes_and_chunking_stay_exact(reference, block_size, pool_tokens, budget):
+    path, prompts, expected = reference
+    blocks = None if pool_tokens is None else -(-pool_tokens // block_size)
+    llm = LLM(path, skip_tokenizer_init=True, block_size=block_size, num_gpu_blocks_override=blocks,
+              max_num_batched_tokens=budget, max_num_seqs=8)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    engine = llm.llm_engine
+    stats = engine.get_stats()
+    if pool_tokens is not None:
+        assert stats.num_preemptions > 0, "the pool was meant to be too small for the batch"
+    assert stats.generation_tokens == NEW * len(prompts)
+    assert stats.prompt_tokens >= sum(LENGTHS)  # recomputation after preemption adds to it
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+
+
+def test_budget_smaller_than_prompt_prefills_in_chunks(reference):
+    path, prompts, expected = reference
+    llm = LLM(path, skip_tokenizer_init=True, max_num_batched_tokens=16)
+    engine = llm.llm_engine
+    engine.add_request({"prompt_token_ids": prompts[5]}, SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True))
+    steps_to_first_token = 0
+    while True:
+        outs = engine.step()
+        steps_to_first_token += 1
+        assert engine.get_stats().batch_num_tokens <= 16
+        if outs and outs[0].outputs[0].token_ids:
+            break
+    assert steps_to_first_token == -(-len(prompts[5]) // 16)
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+    assert outs[0].outputs[0].token_ids == expected[5]
+
+
+def test_requests_join_and_leave_every_step(reference):
+    path, prompts, expected = reference
+    llm = LLM(path, skip_tokenizer_init=True, max_num_seqs=3)
+    engine = llm.llm_engine
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (2, NEW, 5, NEW, NEW)]
+    for p, sp in zip(prompts[:5], params):
+        engine.add_request({"prompt_token_ids": p}, sp)
+    done, batch_sizes = {}, []
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0].token_ids
+        batch_sizes.append(engine.get_stats().batch_num_seqs)
+        assert engine.get_stats().num_requests_running <= 3
+    assert max(batch_sizes) == 3
+    for i, sp in enumerate(params):
+        assert done[str(i)] == expected[i][:sp.max_tokens]
+
+
+def test_abort_frees_blocks_and_others_finish(reference):
+    path, prompts, expected = reference
+    llm = LLM(path, skip_tokenizer_init=True)
+    engine = llm.llm_engine
+    sp = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    engine.add_request({"prompt_token_ids": prompts[0]}, sp, request_id="keep")
+    engine.add_request({"prompt_token_ids": prompts[1]}, sp, request_id="drop")
+    engine.step()
+    assert engine.block_manager.num_used_blocks > 0
+    engine.abort_request("drop")
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step()})
+    assert outs["keep"].outputs[0].token_ids == expected[0]
+    assert outs["drop"].outputs[0].finish_reason == "abort"
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_block_manager_exact_ids():
+    bm = BlockManager(num_blocks=6, block_size=4)
+    req = Request("r", None, list(range(10)), SamplingParams(), 0)
+    seq = req.seqs[0]
+    assert bm.allocate_slots(seq, 10) and seq.block_table == [0, 1, 2]
+    seq.num_computed_tokens = 10
+    assert bm.allocate_slots(seq, 2) and seq.block_table == [0, 1, 2]  # slots 10, 11 fit block 2
+    assert bm.allocate_slots(seq, 3) and seq.block_table == [0, 1, 2, 3]
+    other = Request("o", None, list(range(9)), SamplingParams(), 0).seqs[0]
+    assert not bm.allocate_slots(other, 9)  # needs 3, only 2 free: nothing taken
+    assert bm.num_free_blocks == 2 and other.block_table == []
+    bm.free(seq)
+    assert bm.num_free_blocks == 6 and seq.block_table == []
+    assert bm.allocate_slots(other, 9) and other.block_table == [4, 5, 3]

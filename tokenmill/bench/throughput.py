@@ -1,0 +1,176 @@
+"""`tokenmill bench throughput`: one offline workload through tokenmill and through transformers.
+
+Both run in the same process on the same model, dtype and machine, so the ratio holds even on a
+noisy shared machine. transformers is batched as a user would batch it: left-padded batches of
+16 through `generate`. Also printed: single-stream decode tokens/s against the bound set by
+reading every weight once per token at the probed memory bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+# The headline model: Llama-shaped, ~100M parameters (GQA 12:4, tied 32k vocabulary).
+LLAMA_100M = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                  num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
+                  tie_word_embeddings=True)
+
+
+def random_llama(spec: dict[str, Any], folder: Path, seed: int = 0) -> str:
+    """A random-weight Llama checkpoint (built once, then reused from `folder`)."""
+    if (folder / "config.json").is_file():
+        return str(folder)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(architectures=["LlamaForCausalLM"], **spec))
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    logger.info("wrote random checkpoint (%.1fM params) to %s", model.num_parameters() / 1e6, folder)
+    return str(folder)
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """"128" -> (128, 128); "16-512" -> (16, 512)."""
+    lo, _, hi = text.partition("-")
+    try:
+        lo_i, hi_i = int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or LO-HI, got {text!r}") from None
+    if lo_i < 1 or hi_i < lo_i:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LO <= HI, got {text!r}")
+    return lo_i, hi_i
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="checkpoint folder (default: a random ~100M-parameter Llama, built once)")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=parse_range, default=(16, 512), help="N or LO-HI (uniform)")
+    p.add_argument("--output-len", type=parse_range, default=(128, 128), help="N or LO-HI (uniform)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--hf-batch-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--single-stream-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/tokenmill/bench"))
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+
+
+def _workload(args: argparse.Namespace, vocab: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(args.seed)
+    work = []
+    for _ in range(args.num_prompts):
+        n = rng.randint(*args.input_len)
+        work.append(([rng.randrange(3, vocab) for _ in range(n)], rng.randint(*args.output_len)))
+    return work
+
+
+def _run_tokenmill(model: str, args: argparse.Namespace, work) -> dict[str, float]:
+    from tokenmill import LLM, SamplingParams
+
+    llm = LLM(model, dtype=args.dtype, skip_tokenizer_init=True, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
+    llm.generate([{"prompt_token_ids": work[0][0][:8]}], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    prompts = [{"prompt_token_ids": ids} for ids, _ in work]
+    params = [SamplingParams(temperature=0, max_tokens=out, ignore_eos=True) for _, out in work]
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=True)
+    elapsed = time.perf_counter() - t0
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    # Single stream: one short prompt, time the decode steps only (the first step is the prefill).
+    engine = llm.llm_engine
+    engine.add_request({"prompt_token_ids": work[0][0][:16]},
+                       SamplingParams(temperature=0, max_tokens=args.single_stream_tokens, ignore_eos=True))
+    engine.step()
+    t1, steps = time.perf_counter(), 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    decode_tps = steps / (time.perf_counter() - t1)
+    return dict(elapsed_s=elapsed, output_tokens=n_out, output_tokens_per_s=n_out / elapsed,
+                single_stream_decode_tokens_per_s=decode_tps, weight_bytes=engine.model_runner.weight_bytes)
+
+
+def _run_transformers(model: str, args: argparse.Namespace, work) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, args.dtype)
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).eval()
+    pad = 0
+    gen_kw = dict(do_sample=False, pad_token_id=pad)
+
+    def run_batch(batch) -> int:
+        width = max(len(ids) for ids, _ in batch)
+        out_len = max(o for _, o in batch)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in batch])
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in batch])
+        with torch.inference_mode():
+            out = hf.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=out_len,
+                              min_new_tokens=out_len, **gen_kw)
+        return sum(min(o, out.shape[1] - width) for _, o in batch)
+
+    run_batch([(work[0][0][:8], 4)])  # warm-up
+    bs = args.hf_batch_size
+    t0 = time.perf_counter()
+    n_out = 0
+    for i in tqdm(range(0, len(work), bs), desc="transformers", unit="batch"):
+        n_out += run_batch(work[i:i + bs])
+    elapsed = time.perf_counter() - t0
+    ids = work[0][0][:16]
+    with torch.inference_mode():
+        t1 = time.perf_counter()
+        hf.generate(input_ids=torch.tensor([ids]), max_new_tokens=1, min_new_tokens=1, **gen_kw)
+        t_prefill = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        n = args.single_stream_tokens
+        hf.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, **gen_kw)
+        decode_tps = (n - 1) / max(1e-9, time.perf_counter() - t1 - t_prefill)
+    return dict(elapsed_s=elapsed, output_tokens=n_out, output_tokens_per_s=n_out / elapsed,
+                single_stream_decode_tokens_per_s=decode_tps)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tokenmill.bench.probe import measure_read_bandwidth
+
+    if args.num_prompts < 1:
+        raise ValueError("--num-prompts must be >= 1")
+    model = args.model or random_llama(LLAMA_100M, Path(args.cache_dir) / "llama-100m")
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(model).vocab_size
+    work = _workload(args, vocab)
+    bandwidth = measure_read_bandwidth()
+    tm = _run_tokenmill(model, args, work)
+    hf = _run_transformers(model, args, work)
+    bound = bandwidth / tm["weight_bytes"]
+    result = dict(model=model, dtype=args.dtype, num_prompts=args.num_prompts, input_len=args.input_len,
+                  output_len=args.output_len, threads=torch.get_num_threads(), tokenmill=tm, transformers=hf,
+                  throughput_ratio=tm["output_tokens_per_s"] / hf["output_tokens_per_s"],
+                  read_bandwidth_gb_s=bandwidth / 1e9, decode_bound_tokens_per_s=bound,
+                  single_stream_fraction_of_bound=tm["single_stream_decode_tokens_per_s"] / bound)
+    print(f"\nmodel {model} ({tm['weight_bytes'] / 1e6:.0f} MB of weights, {args.dtype}), "
+          f"{args.num_prompts} prompts, input {args.input_len}, output {args.output_len}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'':32}{'transformers':>14}{'tokenmill':>14}{'ratio':>9}")
+    for key, label in (("output_tokens_per_s", "output tokens/s"), ("elapsed_s", "elapsed s"),
+                       ("single_stream_decode_tokens_per_s", "single-stream decode tok/s")):
+        ratio = tm[key] / hf[key] if key != "elapsed_s" else hf[key] / tm[key]
+        print(f"{label:32}{hf[key]:>14.2f}{tm[key]:>14.2f}{ratio:>8.2f}x")
+    print(f"memory read bandwidth (probe): {bandwidth / 1e9:.1f} GB/s -> decode bound {bound:.1f} tok/s; "
+          f"tokenmill single stream at {100 * result['single_stream_fraction_of_bound']:.0f}% of it")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,145 @@
+"""The `tokenmill` command: generate | bench throughput."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+logger = logging.getLogger("tokenmill")
+
+DEMO_MODEL = str(Path(__file__).parent / "demo_model")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine flags, named as vLLM names them."""
+    p.add_argument("model", nargs="?", default=None, help="checkpoint folder (default: the bundled demo model)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--min-tokens", type=int, default=0)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(model=args.model or DEMO_MODEL, dtype=args.dtype, max_model_len=args.max_model_len,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+                seed=args.seed, device=args.device)
+
+
+def _sampling_params(args: argparse.Namespace):
+    from tokenmill.sampling_params import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty, max_tokens=args.max_tokens,
+                          min_tokens=args.min_tokens, stop=args.stop, ignore_eos=args.ignore_eos,
+                          seed=args.sampling_seed)
+
+
+def stream(engine, prompt, params, out=sys.stdout) -> str:
+    """Generate one completion, writing its text as it is made; returns the whole text."""
+    rid = engine.add_request(prompt, params)
+    shown, text = 0, ""
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.request_id != rid:
+                continue
+            text = o.outputs[0].text
+            out.write(text[shown:])
+            out.flush()
+            shown = len(text)
+    out.write("\n")
+    return text
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tokenmill.llm import LLM
+
+    params = _sampling_params(args)
+    llm = LLM(**engine_kwargs(args))
+    engine = llm.llm_engine
+    tok = engine.tokenizer
+    if not args.interactive:
+        prompt = args.prompt
+        if args.chat:
+            prompt = {"prompt_token_ids": tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                                                  add_generation_prompt=True)}
+        stream(engine, prompt, params)
+        return 0
+    print("tokenmill chat on", args.model or "the demo model", "- empty line or Ctrl-D to quit", file=sys.stderr)
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        ids = tok.apply_chat_template(history, add_generation_prompt=True)
+        reply = stream(engine, {"prompt_token_ids": list(ids)}, params)
+        history.append({"role": "assistant", "content": reply.strip()})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmill", description="LLM inference and serving engine")
+    parser.add_argument("--log-level", default=os.environ.get("TOKENMILL_LOG_LEVEL", "WARNING"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text, streamed as it is made")
+    add_engine_args(g)
+    add_sampling_args(g)
+    g.add_argument("--prompt", default="The Python interpreter")
+    g.add_argument("--chat", action="store_true", help="wrap --prompt in the chat template")
+    g.add_argument("--interactive", "-i", action="store_true", help="a chat loop on stdin")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks: tokenmill and its baseline, side by side")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    from tokenmill.bench.throughput import add_args as add_throughput_args, run as run_throughput
+
+    t = bsub.add_parser("throughput", help="offline throughput vs transformers' generate")
+    add_throughput_args(t)
+    t.set_defaults(func=run_throughput)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ValueError as e:
+        # Bad input (missing folder, unsupported architecture, bad sampling value...): exit 2.
+        print(f"tokenmill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
