@@ -8,7 +8,6 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	# torch is pinned to the CPU build; an unpinned torch pulls GBs of CUDA wheels.
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[dev]"
@@ -16,8 +15,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Until the HTTP server lands, `make serve` is an interactive chat with the demo model.
 serve: install
-	$(BIN)/tokenmill serve
+	$(BIN)/tokenmill generate --interactive --max-tokens 96
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -10,7 +10,8 @@ import torch
 from tokenmill.config import CacheConfig, ModelConfig, SchedulerConfig
 from tokenmill.engine.scheduler import SampledToken, SchedulerOutput
 from tokenmill.engine.sequence import Sequence
-from tokenmill.layers.attention import AttentionContext, PagedAttention, PrefillChunk, set_attention_context
+from tokenmill.layers.attention import (AttentionContext, DecodeGroup, PagedAttention, PrefillChunk,
+                                       set_attention_context)
 from tokenmill.layers.sampler import Sampler
 from tokenmill.models.loader import load_model
 from tokenmill.outputs import Logprob
@@ -23,6 +24,9 @@ _CUDA_MEMORY_FRACTION = 0.9
 _CUDA_ACTIVATION_RESERVE = 1 << 30
 # On CPU, share of the RAM available at start-up that the KV pool may take by default.
 _CPU_MEMORY_FRACTION = 0.25
+# Decodes are attended in groups of similar context length; a group is padded to its longest
+# context, so it is closed once that would waste more than this share of its gathered KV.
+_DECODE_GROUP_MAX_PADDING = 0.25
 
 
 def _available_ram() -> int:
@@ -92,7 +96,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, banned: dict[int, list[int]]) -> dict[int, SampledToken]:
         """Run one step. Returns the sampled token of every sequence that finished its prompt/chunk."""
-        decodes = [(s, n) for s, n in sched.scheduled if n == 1]
+        # Decodes sorted by context length, so neighbours can share one padded attention call.
+        decodes = sorted(((s, n) for s, n in sched.scheduled if n == 1), key=lambda x: x[0].num_computed_tokens)
         prefills = [(s, n) for s, n in sched.scheduled if n > 1]
         ordered = decodes + prefills  # the attention layer expects the decode tokens first
         bs = self.block_size
@@ -107,12 +112,7 @@ class ModelRunner:
             positions.append(pos)
             slots.append(torch.tensor([s.block_table[p // bs] * bs + p % bs
                                        for (s, _), p in zip(decodes, pos.tolist())], dtype=torch.long))
-        ctx = AttentionContext(slot_mapping=torch.empty(0), num_decode_tokens=len(decodes))
-        if decodes:
-            width = max(len(s.block_table) for s, _ in decodes)
-            tables = [s.block_table + [0] * (width - len(s.block_table)) for s, _ in decodes]
-            ctx.decode_block_tables = torch.tensor(tables, dtype=torch.long, device=self.device)
-            ctx.decode_context_lens = (pos + 1).to(self.device)
+        ctx = AttentionContext(slot_mapping=torch.empty(0), decodes=self._decode_groups(decodes))
         start = len(decodes)
         for seq, n in prefills:
             c = seq.num_computed_tokens
@@ -155,6 +155,25 @@ class ModelRunner:
                         top[tid] = Logprob(float(out.top_logprobs[j, r]), r + 1, self._text(tid))
             result[seq.seq_id] = SampledToken(out.token_ids[j], out.logprobs[j], top)
         return result
+
+    def _decode_groups(self, decodes: list[tuple[Sequence, int]]) -> list[DecodeGroup]:
+        """Split the length-sorted decodes into groups whose padding stays under the threshold."""
+        groups, start = [], 0
+        while start < len(decodes):
+            end, total = start + 1, decodes[start][0].num_computed_tokens + 1
+            while end < len(decodes):
+                longest = decodes[end][0].num_computed_tokens + 1
+                new_total = total + longest
+                if longest * (end - start + 1) > new_total * (1 + _DECODE_GROUP_MAX_PADDING):
+                    break
+                end, total = end + 1, new_total
+            seqs = [s for s, _ in decodes[start:end]]
+            width = max(len(s.block_table) for s in seqs)
+            tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+            groups.append(DecodeGroup(start, torch.tensor(tables, dtype=torch.long, device=self.device),
+                                      torch.tensor([s.num_computed_tokens + 1 for s in seqs], device=self.device)))
+            start = end
+        return groups
 
     def _text(self, token_id: int) -> Optional[str]:
         return self.token_text(token_id) if self.token_text is not None else None

@@ -1,8 +1,10 @@
 """Paged attention in plain torch: K/V are written to and read from the block pool.
 
 The flat batch holds the decode tokens first (one per sequence), then each prefill chunk. Decodes
-are attended in one batched SDPA call over their gathered blocks; each prefill chunk gets its own
-call (causal, or with an explicit mask when it continues an earlier chunk or has a sliding window).
+come in groups of similar context length, each attended in one batched SDPA call over its
+gathered blocks (padded to the group's longest context, so grouping keeps the padding small);
+each prefill chunk gets its own call (causal, or with an explicit mask when it continues an
+earlier chunk or has a sliding window).
 """
 from __future__ import annotations
 
@@ -23,13 +25,20 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeGroup:
+    """Decode tokens attended in one batched call: one token per sequence, similar context lengths."""
+
+    start: int  # index of the group's first token in the flat batch
+    block_tables: torch.Tensor  # [G, max_blocks] long, padded with block 0
+    context_lens: torch.Tensor  # [G] long
+
+
+@dataclass
 class AttentionContext:
     """What one step's attention needs to know; set by the model runner around the forward."""
 
     slot_mapping: torch.Tensor  # [T] long: the pool slot each token's K/V goes to
-    num_decode_tokens: int = 0
-    decode_block_tables: Optional[torch.Tensor] = None  # [D, max_blocks] long, padded with 0
-    decode_context_lens: Optional[torch.Tensor] = None  # [D] long
+    decodes: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
@@ -76,9 +85,9 @@ class PagedAttention(nn.Module):
             self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, k)
             self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, v)
         out = torch.empty_like(q)
-        D = ctx.num_decode_tokens
-        if D:
-            out[:D] = self._decode(q[:D], ctx.decode_block_tables, ctx.decode_context_lens)
+        for g in ctx.decodes:
+            sl = slice(g.start, g.start + g.context_lens.shape[0])
+            out[sl] = self._decode(q[sl], g.block_tables, g.context_lens)
         for p in ctx.prefills:
             sl = slice(p.start, p.start + p.query_len)
             out[sl] = self._prefill(q[sl], k[sl], v[sl], p)
