@@ -108,3 +108,19 @@ def test_block_manager_exact_ids():
     bm.free(seq)
     assert bm.num_free_blocks == 6 and seq.block_table == []
     assert bm.allocate_slots(other, 9) and other.block_table == [4, 5, 3]
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("MistralForCausalLM", dict(sliding_window=8)),
+    ("Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+])
+def test_other_architectures_under_pressure(make_checkpoint, arch, overrides):
+    """Sliding windows and biases through chunked prefill, odd block sizes and preemption."""
+    path, hf = make_checkpoint(arch, **overrides)
+    prompts = random_prompts(LENGTHS, seed=12)
+    expected = [hf_greedy(hf, p, NEW) for p in prompts]
+    llm = LLM(path, skip_tokenizer_init=True, block_size=5, num_gpu_blocks_override=28, max_num_batched_tokens=16)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert llm.llm_engine.get_stats().num_preemptions > 0

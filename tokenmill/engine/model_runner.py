@@ -12,6 +12,7 @@ from tokenmill.engine.scheduler import SampledToken, SchedulerOutput
 from tokenmill.engine.sequence import Sequence
 from tokenmill.layers.attention import (AttentionContext, DecodeGroup, PagedAttention, PrefillChunk,
                                        set_attention_context)
+from tokenmill.layers.linear import use_column_major_weights
 from tokenmill.layers.sampler import Sampler
 from tokenmill.models.loader import load_model
 from tokenmill.outputs import Logprob
@@ -41,6 +42,10 @@ class ModelRunner:
         self.device = model_config.torch_device
         self.dtype = model_config.torch_dtype
         self.model = load_model(model_config)
+        # Bytes one decode step reads: every weight once (a tied head is the embedding itself).
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if self.device.type == "cpu":
+            use_column_major_weights(self.model)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.num_blocks = self._num_blocks(cache_config, scheduler_config)
         self._allocate_kv_cache()
@@ -52,10 +57,6 @@ class ModelRunner:
     def kv_bytes_per_token(self) -> int:
         elem = torch.finfo(self.dtype).bits // 8
         return sum(2 * a.num_kv_heads * a.head_dim * elem for a in self.attn_layers)
-
-    @property
-    def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def _num_blocks(self, cache: CacheConfig, sched: SchedulerConfig) -> int:
         per_block = self.kv_bytes_per_token * self.block_size
