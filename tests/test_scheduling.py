@@ -5,8 +5,6 @@ import pytest
 
 from tests.conftest import hf_greedy, random_prompts
 from tokenmill import LLM, SamplingParams
-from tokenmill.engine.block_manager import BlockManager
-from tokenmill.engine.sequence import Request
 
 LENGTHS = [5, 60, 23, 41, 9, 75, 30, 14]
 NEW = 12
@@ -92,22 +90,6 @@ def test_abort_frees_blocks_and_others_finish(reference):
     assert outs["keep"].outputs[0].token_ids == expected[0]
     assert outs["drop"].outputs[0].finish_reason == "abort"
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
-
-
-def test_block_manager_exact_ids():
-    bm = BlockManager(num_blocks=6, block_size=4)
-    req = Request("r", None, list(range(10)), SamplingParams(), 0)
-    seq = req.seqs[0]
-    assert bm.allocate_slots(seq, 10) and seq.block_table == [0, 1, 2]
-    seq.num_computed_tokens = 10
-    assert bm.allocate_slots(seq, 2) and seq.block_table == [0, 1, 2]  # slots 10, 11 fit block 2
-    assert bm.allocate_slots(seq, 3) and seq.block_table == [0, 1, 2, 3]
-    other = Request("o", None, list(range(9)), SamplingParams(), 0).seqs[0]
-    assert not bm.allocate_slots(other, 9)  # needs 3, only 2 free: nothing taken
-    assert bm.num_free_blocks == 2 and other.block_table == []
-    bm.free(seq)
-    assert bm.num_free_blocks == 6 and seq.block_table == []
-    assert bm.allocate_slots(other, 9) and other.block_table == [4, 5, 3]
 
 
 @pytest.mark.parametrize("arch,overrides", [

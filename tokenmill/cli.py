@@ -24,6 +24,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV cache of shared prefixes (default: on)")
+    p.add_argument("--swap-space", type=float, default=0.0, help="GiB for the KV spill tier (default: 0, off)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -45,7 +48,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(model=args.model or DEMO_MODEL, dtype=args.dtype, max_model_len=args.max_model_len,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-                seed=args.seed, device=args.device)
+                seed=args.seed, device=args.device, enable_prefix_caching=args.enable_prefix_caching,
+                swap_space=int(args.swap_space * 2**30))
 
 
 def _sampling_params(args: argparse.Namespace):

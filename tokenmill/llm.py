@@ -26,16 +26,22 @@ class LLM:
         block_size: tokens per KV block.
         kv_cache_memory_bytes: bytes for the KV pool; None sizes it from free memory.
         seed: seed of the engine's generator for unseeded sampling.
+        enable_prefix_caching: reuse cached KV of earlier prompts' prefixes (on by default).
+        swap_space: bytes of the spill tier for evicted cached blocks (0: off).
     """
 
     def __init__(self, model: str, dtype: str = "auto", max_model_len: Optional[int] = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: Optional[int] = None, block_size: int = 16,
                  kv_cache_memory_bytes: Optional[int] = None, seed: int = 0, device: Optional[str] = None,
-                 skip_tokenizer_init: bool = False, num_gpu_blocks_override: Optional[int] = None) -> None:
+                 skip_tokenizer_init: bool = False, num_gpu_blocks_override: Optional[int] = None,
+                 enable_prefix_caching: bool = True, swap_space: int = 0,
+                 spill_link_bandwidth: Optional[float] = None, spill_device_flops: Optional[float] = None) -> None:
         model_config = ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed,
                                    device=device, skip_tokenizer_init=skip_tokenizer_init)
         cache_config = CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
-                                   num_gpu_blocks_override=num_gpu_blocks_override)
+                                   num_gpu_blocks_override=num_gpu_blocks_override,
+                                   enable_prefix_caching=enable_prefix_caching, swap_space=swap_space,
+                                   spill_link_bandwidth=spill_link_bandwidth, spill_device_flops=spill_device_flops)
         scheduler_config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                            max_model_len=model_config.max_model_len)
         self.llm_engine = LLMEngine(model_config, cache_config, scheduler_config)

@@ -7,6 +7,7 @@ from typing import Any, Optional, Union
 
 from tokenmill.config import CacheConfig, ModelConfig, SchedulerConfig
 from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.kv_tiers import SpillCostModel
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.scheduler import Scheduler
@@ -56,11 +57,20 @@ class LLMEngine:
         if self.tokenizer is not None:
             tok = self.tokenizer
             self.model_runner.token_text = lambda t: tok.decode([t])
-        self.block_manager = BlockManager(self.model_runner.num_blocks, cache_config.block_size)
+        runner = self.model_runner
+        cuda = runner.device.type == "cuda"
+        cost = SpillCostModel(
+            kv_bytes_per_token=runner.kv_bytes_per_token, flops_per_token=runner.flops_per_token,
+            link_bandwidth=cache_config.spill_link_bandwidth or (25e9 if cuda else 10e9),
+            device_flops=cache_config.spill_device_flops or (1e14 if cuda else 1e11))
+        self.block_manager = BlockManager(runner.num_blocks, cache_config.block_size,
+                                          enable_prefix_caching=cache_config.enable_prefix_caching,
+                                          num_spill_blocks=runner.num_spill_blocks, cost_model=cost)
         self.eos_token_ids = _eos_token_ids(model_config.model, model_config.hf_config, self.tokenizer)
         self.scheduler = Scheduler(scheduler_config, self.block_manager, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
-        self.stats = EngineStats(kv_blocks_total=self.block_manager.num_blocks)
+        self.stats = EngineStats(kv_blocks_total=self.block_manager.num_blocks,
+                                 spill_blocks_total=runner.num_spill_blocks)
         self._next_id = 0
 
     # -- requests -------------------------------------------------------------------------
@@ -159,7 +169,13 @@ class LLMEngine:
         s.num_requests_waiting = len({q.request.request_id for q in self.scheduler.waiting})
         s.batch_num_seqs = len(sched.scheduled)
         s.batch_num_tokens = sched.num_batched_tokens
-        s.kv_blocks_used = self.block_manager.num_used_blocks
+        bm = self.block_manager
+        s.kv_blocks_used = bm.num_used_blocks
+        s.kv_blocks_cached = bm.num_cached_blocks
+        s.spill_blocks_used = bm.spill.num_used_blocks if bm.spill else 0
+        c = bm.stats
+        s.prefix_cache_queries, s.prefix_cache_hits, s.recomputed_tokens = c.queries, c.hits, c.recomputed_tokens
+        s.evictions, s.swaps_in, s.swaps_out = c.evictions, c.swaps_in, c.swaps_out
         s.num_preemptions = self.scheduler.num_preemptions
         s.generation_tokens += num_sampled
         s.prompt_tokens += prompt_tokens

@@ -49,9 +49,22 @@ class ModelRunner:
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.num_blocks = self._num_blocks(cache_config, scheduler_config)
         self._allocate_kv_cache()
+        self.num_spill_blocks = cache_config.swap_space // (self.kv_bytes_per_token * self.block_size)
+        self.spill_cache = None
+        if self.num_spill_blocks:
+            # The slower tier: host memory (pinned, for fast copies) when the pool is on a GPU.
+            self.spill_cache = torch.zeros((*self.kv_cache.shape[:2], self.num_spill_blocks, *self.kv_cache.shape[3:]),
+                                           dtype=self.dtype, pin_memory=self.device.type == "cuda")
+            logger.info("KV spill tier: %d blocks, %.1f MiB", self.num_spill_blocks,
+                        self.spill_cache.numel() * self.spill_cache.element_size() / 2**20)
         self.sampler = Sampler()
         self.generator = torch.Generator().manual_seed(model_config.seed)
         self.token_text: Optional[Callable[[int], str]] = None  # set by the engine when it has a tokenizer
+
+    @property
+    def flops_per_token(self) -> float:
+        """Matmul FLOPs to compute one token's forward, ~2 per weight (embeddings excluded)."""
+        return 2.0 * sum(m.weight.numel() for m in self.model.modules() if isinstance(m, torch.nn.Linear))
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -97,6 +110,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, banned: dict[int, list[int]]) -> dict[int, SampledToken]:
         """Run one step. Returns the sampled token of every sequence that finished its prompt/chunk."""
+        self._copy_blocks(sched.block_copies)
         # Decodes sorted by context length, so neighbours can share one padded attention call.
         decodes = sorted(((s, n) for s, n in sched.scheduled if n == 1), key=lambda x: x[0].num_computed_tokens)
         prefills = [(s, n) for s, n in sched.scheduled if n > 1]
@@ -156,6 +170,16 @@ class ModelRunner:
                         top[tid] = Logprob(float(out.top_logprobs[j, r]), r + 1, self._text(tid))
             result[seq.seq_id] = SampledToken(out.token_ids[j], out.logprobs[j], top)
         return result
+
+    def _copy_blocks(self, copies: list[tuple[str, int, int]]) -> None:
+        """Move blocks between the pool and the spill tier, in the order the block manager asked."""
+        for direction, src, dst in copies:
+            if direction == "out":
+                self.spill_cache[:, :, dst].copy_(self.kv_cache[:, :, src], non_blocking=True)
+            else:
+                self.kv_cache[:, :, dst].copy_(self.spill_cache[:, :, src], non_blocking=True)
+        if copies and self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # a spill block may be reused right after
 
     def _decode_groups(self, decodes: list[tuple[Sequence, int]]) -> list[DecodeGroup]:
         """Split the length-sorted decodes into groups whose padding stays under the threshold."""

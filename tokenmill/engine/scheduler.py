@@ -28,6 +28,8 @@ class SchedulerOutput:
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
     num_batched_tokens: int = 0
     num_preempted: int = 0
+    # KV block copies to run before the forward, in order: ("out", device, spill) / ("in", spill, device)
+    block_copies: list[tuple[str, int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -75,8 +77,10 @@ class Scheduler:
         while (not out.num_preempted and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.block_manager.allocate_slots(seq, n):
+            hit = self.block_manager.find_prefix(seq)
+            cached = hit.num_blocks() * self.block_manager.block_size
+            n = min(seq.num_tokens - seq.num_computed_tokens - cached, budget)
+            if not self.block_manager.allocate_slots(seq, n, hit):
                 if not self.running:
                     # Nothing holds blocks, yet this sequence does not fit: it never will.
                     self.waiting.popleft()
@@ -91,6 +95,7 @@ class Scheduler:
             out.scheduled.append((seq, n))
             budget -= n
         out.num_batched_tokens = sum(n for _, n in out.scheduled)
+        out.block_copies = self.block_manager.take_copies()
         return out
 
     def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
@@ -125,6 +130,7 @@ class Scheduler:
             if seq.is_finished:  # aborted while the step ran
                 continue
             seq.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(seq)
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # a prompt chunk; nothing sampled yet
             tok = sampled[seq.seq_id]

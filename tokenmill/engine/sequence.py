@@ -42,6 +42,10 @@ class Sequence:
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
+        # Prefix caching: chain keys of the full blocks (valid for life: a prefix never changes)
+        # and the content ids of the blocks registered or reused so far (reset on preemption).
+        self.block_keys: list[int] = []
+        self.block_cids: list[int] = []
         self.status = SequenceStatus.WAITING
         self.generator = generator
         self.logprobs: Optional[LogprobsList] = [] if self.params.logprobs is not None else None
