@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = bsub.add_parser("throughput", help="offline throughput vs transformers' generate")
     add_throughput_args(t)
     t.set_defaults(func=run_throughput)
+    from tokenmill.bench.prefix import add_args as add_prefix_args, run as run_prefix
+
+    pf = bsub.add_parser("prefix", help="multi-turn chat: prefix cache off / on / under pressure / spill")
+    add_prefix_args(pf)
+    pf.set_defaults(func=run_prefix)
     return parser
 
 

@@ -133,12 +133,15 @@ class BlockManager:
     def find_prefix(self, seq: Sequence) -> PrefixHit:
         """The longest cached prefix of seq, at whole blocks, leaving at least one token to compute."""
         hit = PrefixHit()
-        if not self.enable_prefix_caching or seq.num_computed_tokens:
+        if seq.num_computed_tokens:
             return hit
         bs = self.block_size
         num_full = (seq.num_tokens - 1) // bs  # the last token must be computed to get logits
         parent_cid: Optional[int] = None
         keys = self._block_keys(seq, num_full)
+        if not self.enable_prefix_caching:  # still count what a cache would have saved
+            hit.num_blocks_seen_before = sum(1 for k in keys if k in self._seen)
+            return hit
         for i, key in enumerate(keys):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             block = self.cached.get(key)
@@ -171,7 +174,7 @@ class BlockManager:
         """
         if not self.can_allocate(seq, num_new_tokens, hit):
             return False
-        if hit is not None and self.enable_prefix_caching:
+        if hit is not None:
             self.stats.queries += seq.num_tokens
             self.stats.hits += hit.num_blocks() * self.block_size
             self.stats.recomputed_tokens += hit.num_blocks_seen_before * self.block_size
@@ -223,9 +226,11 @@ class BlockManager:
     # -- after a step ---------------------------------------------------------------------
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register seq's newly full, computed blocks so later sequences can reuse them."""
-        if not self.enable_prefix_caching:
-            return
         bs = self.block_size
+        if not self.enable_prefix_caching:  # nothing is kept, but recomputation is still counted
+            for key in self._block_keys(seq, min(seq.num_computed_tokens // bs, len(seq.block_table))):
+                self._mark_seen(key)
+            return
         num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
         keys = self._block_keys(seq, num_full)
         for i in range(len(seq.block_cids), num_full):
