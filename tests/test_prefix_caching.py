@@ -132,3 +132,14 @@ def _pool_llm(ckpt, spill: bool) -> LLM:
         _llms[spill] = LLM(ckpt, skip_tokenizer_init=True, block_size=4, num_gpu_blocks_override=12,
                            max_num_batched_tokens=16, swap_space=(1 << 16) if spill else 0)
     return _llms[spill]
+
+
+def test_constant_hash_end_to_end_stays_exact(ckpt):
+    """Every block colliding on one key: verification turns each would-be hit into a miss."""
+    prompts = mixed_workload()
+    ref_llm = LLM(ckpt, skip_tokenizer_init=True, enable_prefix_caching=False, block_size=4)
+    ref = [o.outputs[0].token_ids for o in run(ref_llm, prompts)]
+    llm = LLM(ckpt, skip_tokenizer_init=True, block_size=4)
+    llm.llm_engine.block_manager.hash_fn = lambda parent, tokens: 7
+    assert [o.outputs[0].token_ids for o in run(llm, prompts)] == ref
+    check_invariants(llm.llm_engine)
