@@ -15,9 +15,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Until the HTTP server lands, `make serve` is an interactive chat with the demo model.
+# The OpenAI-compatible server on the bundled demo model, http://127.0.0.1:8000/v1
 serve: install
-	$(BIN)/tokenmill generate --interactive --max-tokens 96
+	$(BIN)/tokenmill serve --served-model-name demo
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -1,4 +1,4 @@
-"""The `tokenmill` command: generate | bench throughput."""
+"""The `tokenmill` command: serve | generate | bench (throughput, prefix)."""
 from __future__ import annotations
 
 import argparse
@@ -108,6 +108,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tokenmill.server.app import run_server
+
+    return run_server(args, engine_kwargs(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="LLM inference and serving engine")
     parser.add_argument("--log-level", default=os.environ.get("TOKENMILL_LOG_LEVEL", "WARNING"))
@@ -120,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap --prompt in the chat template")
     g.add_argument("--interactive", "-i", action="store_true", help="a chat loop on stdin")
     g.set_defaults(func=cmd_generate)
+
+    from tokenmill.server.app import add_server_args
+
+    srv = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
+    add_engine_args(srv)
+    add_server_args(srv)
+    srv.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks: tokenmill and its baseline, side by side")
     bsub = b.add_subparsers(dest="bench", required=True)

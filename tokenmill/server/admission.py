@@ -1,0 +1,107 @@
+"""The bouncer: decides before anything is queued whether a request gets in.
+
+Order: the model name, whether the request could ever fit (400), then access control (401 / 403 /
+429, see access.py), then capacity (503 with Retry-After). A request refused at capacity costs
+nothing, and those already admitted keep their latency.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from fastapi import Request
+
+from tokenmill.engine.async_engine import AsyncLLMEngine
+from tokenmill.server.access import AccessController, Refusal
+from tokenmill.server.metrics import ServerMetrics
+from tokenmill.server.protocol import BadRequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CapacityLimits:
+    max_num_queued_reqs: int  # requests running + queued
+    max_num_queued_tokens: int  # prompt tokens waiting to be computed
+    retry_after_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_num_queued_reqs < 1 or self.max_num_queued_tokens < 1:
+            raise ValueError("max_num_queued_reqs and max_num_queued_tokens must be >= 1")
+
+
+class Admission:
+    def __init__(self, engine: AsyncLLMEngine, access: AccessController, limits: CapacityLimits,
+                 metrics: ServerMetrics, served_model_names: list[str]) -> None:
+        self.engine = engine
+        self.tokenizer = engine.engine.tokenizer
+        self.access = access
+        self.limits = limits
+        self.metrics = metrics
+        self.served_model_names = served_model_names
+        sched = engine.engine.scheduler_config
+        self.max_model_len = sched.max_model_len
+        bm = engine.engine.block_manager
+        self.block_size, self.num_blocks = bm.block_size, bm.num_blocks
+        self.vocab_size = engine.engine.model_config.hf_config.vocab_size
+
+    def check_model(self, name: str) -> None:
+        if name not in self.served_model_names:
+            raise BadRequest(f"the model {name!r} does not exist; this server serves "
+                             f"{', '.join(repr(n) for n in self.served_model_names)}",
+                             param="model", code="model_not_found", status=404)
+
+    def check_fits(self, ids: list[int], max_tokens: Optional[int], param: str) -> int:
+        """400 unless the request could ever run; returns the effective max_tokens."""
+        if not ids:
+            raise BadRequest("the prompt is empty", param="prompt")
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise BadRequest(f"prompt token ids must lie in [0, {self.vocab_size})", param="prompt")
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            raise BadRequest(f"the prompt has {len(ids)} tokens; this model's maximum context length is "
+                             f"{self.max_model_len} tokens (prompt plus output)", param="messages"
+                             if param == "max_completion_tokens" else "prompt", code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = room
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise BadRequest(f"{param} must be an integer >= 1, got {max_tokens!r}", param=param)
+        if max_tokens > room:
+            raise BadRequest(f"{param}={max_tokens} plus the prompt's {len(ids)} tokens exceeds this model's "
+                             f"maximum context length of {self.max_model_len} tokens", param=param,
+                             code="context_length_exceeded")
+        if -(-(len(ids) + 1) // self.block_size) > self.num_blocks:
+            raise BadRequest(f"the prompt has {len(ids)} tokens; the whole KV cache holds "
+                             f"{self.num_blocks * self.block_size}", param="prompt")
+        return max_tokens
+
+    def admit(self, request: Request, jobs: list[Any]) -> None:
+        """Access control, then capacity. Raises Refusal; counts every refusal by reason."""
+        try:
+            self.access.admit(request.headers.get("authorization"), request.headers,
+                              sum(len(j.prompt_ids) + j.params.max_tokens * j.params.n for j in jobs))
+            self._check_capacity(jobs)
+        except Refusal as r:
+            self.metrics.reject(r.reason)
+            raise
+
+    def _check_capacity(self, jobs: list[Any]) -> None:
+        if not self.engine.is_serving:
+            raise Refusal(503, "capacity", "the engine is not serving", "engine_unavailable",
+                          retry_after=self.limits.retry_after_s)
+        in_system, queued_tokens, free_blocks, _running = self.engine.admission_view()
+        new_tokens = sum(len(j.prompt_ids) * j.params.n for j in jobs)
+        lim = self.limits
+        reason = None
+        if in_system + len(jobs) > lim.max_num_queued_reqs:
+            reason = f"{in_system} requests in progress (limit {lim.max_num_queued_reqs})"
+        elif queued_tokens + new_tokens > lim.max_num_queued_tokens:
+            reason = f"{queued_tokens} prompt tokens queued (limit {lim.max_num_queued_tokens})"
+        elif in_system and -(-(queued_tokens + new_tokens) // self.block_size) > free_blocks:
+            # Others hold the pool and the queue already needs what is free: not soon.
+            reason = "the KV cache is full"
+        if reason is not None:
+            logger.warning("at capacity, refusing a request: %s", reason)
+            raise Refusal(503, "capacity", f"the server is at capacity ({reason}); retry later",
+                          "server_at_capacity", retry_after=lim.retry_after_s)

@@ -1,0 +1,208 @@
+"""/v1/completions and /v1/chat/completions: translate, admit, hand to the engine, format back."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.admission import Admission
+from tokenmill.server.protocol import BadRequest, ChatCompletionRequest, CompletionRequest
+
+
+@dataclass
+class Job:
+    """One engine request behind an HTTP request (a completions call may carry several prompts)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    first_choice: int  # index of this job's first choice in the response
+
+
+class OpenAIServing:
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self.engine = admission.engine
+        self.tokenizer = admission.tokenizer
+        self.metrics = admission.metrics
+
+    # -- request translation --------------------------------------------------------------
+    def _prompts(self, body: CompletionRequest) -> list[list[int]]:
+        p = body.prompt
+        if isinstance(p, str):
+            return [self.tokenizer.encode(p)]
+        if not p:
+            raise BadRequest("prompt must not be empty", param="prompt")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        if all(isinstance(x, str) for x in p):
+            return [self.tokenizer.encode(x) for x in p]
+        if all(isinstance(x, list) for x in p):
+            return [list(x) for x in p]
+        raise BadRequest("prompt must be a string, a list of strings, or token ids", param="prompt")
+
+    def _jobs(self, prompts: list[list[int]], make_params, headers: Any, max_tokens: Optional[int],
+              max_tokens_param: str) -> list[Job]:
+        jobs, choice = [], 0
+        for ids in prompts:
+            limit = self.admission.check_fits(ids, max_tokens, max_tokens_param)
+            params = make_params(limit)
+            jobs.append(Job(f"cmpl-{uuid.uuid4().hex}", ids, params, choice))
+            choice += params.n
+        return jobs
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Union[JSONResponse, StreamingResponse]:
+        self.admission.check_model(body.model)
+        if body.echo:
+            raise BadRequest("echo is not supported", param="echo")
+        jobs = self._jobs(self._prompts(body), lambda mt: body.sampling_params(mt, body.logprobs),
+                          request.headers, body.max_tokens, "max_tokens")
+        self.admission.admit(request, jobs)
+        return await self._respond(body, jobs, request, chat=False)
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Union[JSONResponse, StreamingResponse]:
+        self.admission.check_model(body.model)
+        conversation = body.conversation()
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise BadRequest("this model's tokenizer has no chat template", param="messages")
+        ids = list(self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True))
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        jobs = self._jobs([ids], lambda mt: body.sampling_params(mt, logprobs), request.headers, max_tokens, param)
+        self.admission.admit(request, jobs)
+        return await self._respond(body, jobs, request, chat=True)
+
+    # -- running and formatting -----------------------------------------------------------
+    async def _run(self, job: Job) -> AsyncIterator[RequestOutput]:
+        """The engine's outputs for one job, with latency metrics recorded on the way."""
+        start = last = time.monotonic()
+        tokens = 0
+        async for out in self.engine.generate(job.prompt_ids, job.params, job.request_id):
+            now = time.monotonic()
+            n = sum(len(c.token_ids) for c in out.outputs)
+            if n > tokens:
+                if tokens == 0:
+                    self.metrics.ttft.observe(now - start)
+                else:
+                    self.metrics.itl.observe((now - last) / (n - tokens))
+                tokens, last = n, now
+            if out.finished:
+                self.metrics.e2e.observe(now - start)
+                for c in out.outputs:
+                    self.metrics.finished(c.finish_reason or "abort")
+            yield out
+
+    async def _respond(self, body: Any, jobs: list[Job], request: Request, chat: bool):
+        created = int(time.time())
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        model = body.model
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self._stream(jobs, rid, created, model, chat, include_usage),
+                                     media_type="text/event-stream")
+        finals: list[RequestOutput] = []
+        for job in jobs:
+            final = None
+            async for out in self._run(job):
+                final = out
+                if await request.is_disconnected():
+                    self.engine.abort(job.request_id)
+                    break
+            if final is None or not final.finished:
+                return JSONResponse(status_code=499, content={"error": {
+                    "message": "client disconnected", "type": "invalid_request_error", "param": None,
+                    "code": "client_closed_request"}})
+            finals.append(final)
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for job, final in zip(jobs, finals):
+            prompt_tokens += len(final.prompt_token_ids)
+            for c in final.outputs:
+                completion_tokens += len(c.token_ids)
+                choices.append(self._choice(c, job.first_choice + c.index, chat, job.params))
+        return JSONResponse({
+            "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": model, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}})
+
+    def _choice(self, c: CompletionOutput, index: int, chat: bool, params: SamplingParams) -> dict[str, Any]:
+        logprobs = self._logprobs(c, 0, chat, params) if params.logprobs is not None else None
+        if chat:
+            return {"index": index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": logprobs, "finish_reason": c.finish_reason}
+        return {"index": index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+
+    def _logprobs(self, c: CompletionOutput, start: int, chat: bool, params: SamplingParams) -> Optional[dict]:
+        if c.logprobs is None:
+            return None
+        entries = []
+        for tid, d in zip(c.token_ids[start:], c.logprobs[start:]):
+            chosen = d[tid]
+            top = sorted(d.items(), key=lambda kv: kv[1].rank)[: params.logprobs]
+            entries.append((chosen.decoded_token or "", chosen.logprob,
+                            [(lp.decoded_token or "", lp.logprob) for _, lp in top]))
+        if chat:
+            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
+                                 "top_logprobs": [{"token": tt, "logprob": tl, "bytes": list(tt.encode())}
+                                                  for tt, tl in top]} for t, lp, top in entries]}
+        return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [{tt: tl for tt, tl in top} for _, _, top in entries], "text_offset": []}
+
+    async def _stream(self, jobs: list[Job], rid: str, created: int, model: str, chat: bool,
+                      include_usage: bool) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices: list[dict], usage: Optional[dict] = None) -> str:
+            payload = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+            if include_usage:
+                payload["usage"] = usage
+            return f"data: {json.dumps(payload)}\n\n"
+
+        prompt_tokens = completion_tokens = 0
+        for job in jobs:
+            sent_text: dict[int, int] = {}
+            sent_tokens: dict[int, int] = {}
+            done: set[int] = set()
+            if chat:
+                yield chunk([{"index": job.first_choice + i, "delta": {"role": "assistant", "content": ""},
+                              "logprobs": None, "finish_reason": None} for i in range(job.params.n)])
+            final = None
+            # NOTE: if the client goes away, Starlette stops this generator; closing _run's
+            # iterator aborts the engine request and its KV blocks return to the pool at once.
+            async for out in self._run(job):
+                final = out
+                choices = []
+                for c in out.outputs:
+                    old_text, old_tok = sent_text.get(c.index, 0), sent_tokens.get(c.index, 0)
+                    delta = c.text[old_text:]
+                    if c.index in done or (not delta and c.finish_reason is None):
+                        continue
+                    if c.finish_reason is not None:
+                        done.add(c.index)
+                    sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
+                    lp = self._logprobs(c, old_tok, chat, job.params) if job.params.logprobs is not None else None
+                    index = job.first_choice + c.index
+                    if chat:
+                        choices.append({"index": index, "delta": {"content": delta} if delta else {},
+                                        "logprobs": lp, "finish_reason": c.finish_reason})
+                    else:
+                        choices.append({"index": index, "text": delta, "logprobs": lp,
+                                        "finish_reason": c.finish_reason})
+                if choices:
+                    yield chunk(choices)
+            if final is not None:
+                prompt_tokens += len(final.prompt_token_ids)
+                completion_tokens += sum(len(c.token_ids) for c in final.outputs)
+        if include_usage:
+            yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                             "total_tokens": prompt_tokens + completion_tokens})
+        yield "data: [DONE]\n\n"
