@@ -85,21 +85,27 @@ class OpenAIServing:
     async def _run(self, job: Job) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for one job, with latency metrics recorded on the way."""
         start = last = time.monotonic()
-        tokens = 0
-        async for out in self.engine.generate(job.prompt_ids, job.params, job.request_id):
-            now = time.monotonic()
-            n = sum(len(c.token_ids) for c in out.outputs)
-            if n > tokens:
-                if tokens == 0:
-                    self.metrics.ttft.observe(now - start)
-                else:
-                    self.metrics.itl.observe((now - last) / (n - tokens))
-                tokens, last = n, now
-            if out.finished:
-                self.metrics.e2e.observe(now - start)
-                for c in out.outputs:
-                    self.metrics.finished(c.finish_reason or "abort")
-            yield out
+        tokens, finished = 0, False
+        try:
+            async for out in self.engine.generate(job.prompt_ids, job.params, job.request_id):
+                now = time.monotonic()
+                n = sum(len(c.token_ids) for c in out.outputs)
+                if n > tokens:
+                    if tokens == 0:
+                        self.metrics.ttft.observe(now - start)
+                    else:
+                        self.metrics.itl.observe((now - last) / (n - tokens))
+                    tokens, last = n, now
+                if out.finished:
+                    finished = True
+                    self.metrics.e2e.observe(now - start)
+                    for c in out.outputs:
+                        self.metrics.finished(c.finish_reason or "abort")
+                yield out
+        finally:
+            if not finished:  # the client went away (or the engine failed): counted as aborted
+                for _ in range(job.params.n):
+                    self.metrics.finished("abort")
 
     async def _respond(self, body: Any, jobs: list[Job], request: Request, chat: bool):
         created = int(time.time())
