@@ -79,14 +79,14 @@ class Admission:
     def admit(self, request: Request, jobs: list[Any]) -> None:
         """Access control, then capacity. Raises Refusal; counts every refusal by reason."""
         try:
-            self.access.admit(request.headers.get("authorization"), request.headers,
-                              sum(len(j.prompt_ids) + j.params.max_tokens * j.params.n for j in jobs))
-            self._check_capacity(jobs)
+            key = self.access.admit(request.headers.get("authorization"), request.headers,
+                                    sum(len(j.prompt_ids) + j.params.max_tokens * j.params.n for j in jobs))
+            self._check_capacity(jobs, key.key_id if key is not None else "anonymous")
         except Refusal as r:
             self.metrics.reject(r.reason)
             raise
 
-    def _check_capacity(self, jobs: list[Any]) -> None:
+    def _check_capacity(self, jobs: list[Any], key_id: str) -> None:
         if not self.engine.is_serving:
             raise Refusal(503, "capacity", "the engine is not serving", "engine_unavailable",
                           retry_after=self.limits.retry_after_s)
@@ -102,6 +102,6 @@ class Admission:
             # Others hold the pool and the queue already needs what is free: not soon.
             reason = "the KV cache is full"
         if reason is not None:
-            logger.warning("at capacity, refusing a request: %s", reason)
+            logger.warning("refused request from key %r: at capacity (%s)", key_id, reason)
             raise Refusal(503, "capacity", f"the server is at capacity ({reason}); retry later",
                           "server_at_capacity", retry_after=lim.retry_after_s)
