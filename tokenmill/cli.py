@@ -1,4 +1,4 @@
-"""The `tokenmill` command: serve | generate | bench (throughput, prefix)."""
+"""The `tokenmill` command: serve | generate | quantize | eval ppl | bench (throughput, prefix)."""
 from __future__ import annotations
 
 import argparse
@@ -108,6 +108,49 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="float checkpoint folder")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    p.add_argument("--group-size", type=int, default=128, help="-1: one group per input row")
+    p.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by descending H diagonal")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True)
+    sym.add_argument("--asym", dest="sym", action="store_false")
+    p.add_argument("--static-groups", action="store_true")
+    p.add_argument("--damp", type=float, default=0.01, help="damping, a fraction of the mean H diagonal")
+    p.add_argument("--calibration", default=None, help="text or JSONL file (default: the demo training text)")
+    p.add_argument("--num-samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--dynamic", default=None, help="JSON file of GPTQModel-style per-module rules")
+    p.add_argument("--lm-head", action="store_true", help="quantize the output head too")
+    p.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
+    p.add_argument("--max-shard-size", type=int, default=2 << 30, help="bytes per safetensors shard")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import json
+
+    from tokenmill.quantization.config import QuantizeConfig
+    from tokenmill.quantization.quantize import format_report, quantize_model
+
+    dynamic = None
+    if args.dynamic:
+        try:
+            dynamic = json.loads(Path(args.dynamic).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read --dynamic {args.dynamic!r}: {e}") from None
+    qcfg = QuantizeConfig(bits=args.bits, group_size=args.group_size, desc_act=args.desc_act, sym=args.sym,
+                          damp_percent=args.damp, static_groups=args.static_groups, lm_head=args.lm_head,
+                          dynamic=dynamic)
+    report = quantize_model(args.model, args.out, qcfg, method=args.method, calibration=args.calibration,
+                            num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
+                            max_shard_size=args.max_shard_size)
+    print(format_report(report))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from tokenmill.server.app import run_server
 
@@ -133,6 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(srv)
     add_server_args(srv)
     srv.set_defaults(func=cmd_serve)
+
+    q = sub.add_parser("quantize", help="GPTQ / RTN quantization into the GPTQ v1 checkpoint format")
+    add_quantize_args(q)
+    q.set_defaults(func=cmd_quantize)
+
+    ev = sub.add_parser("eval", help="evaluations")
+    evsub = ev.add_subparsers(dest="eval", required=True)
+    from tokenmill.bench.perplexity import add_args as add_ppl_args, run as run_ppl
+
+    ppl = evsub.add_parser("ppl", help="perplexity over non-overlapping windows (the GPTQ paper's measure)")
+    add_ppl_args(ppl)
+    ppl.set_defaults(func=run_ppl)
 
     b = sub.add_parser("bench", help="benchmarks: tokenmill and its baseline, side by side")
     bsub = b.add_subparsers(dest="bench", required=True)

@@ -42,8 +42,18 @@ class MergedLinear(nn.Linear):
             self.shard_offsets[name] = (offset, size)
             offset += size
 
-    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: Union[str, int]) -> None:
+    def load_shard(self, leaf: str, loaded: torch.Tensor, shard_id: Union[str, int]) -> None:
+        """Copy one checkpoint projection ("weight" or "bias") into its slice."""
+        if leaf not in ("weight", "bias") or getattr(self, leaf) is None:
+            raise ValueError(f"merged linear has no {leaf!r} for shard {shard_id!r}")
         offset, size = self.shard_offsets[shard_id]
         if loaded.shape[0] != size:
             raise ValueError(f"shard {shard_id!r} has {loaded.shape[0]} rows, expected {size}")
-        param.data[offset:offset + size].copy_(loaded)
+        getattr(self, leaf).data[offset:offset + size].copy_(loaded)
+
+    @property
+    def shard_names(self) -> list[Union[str, int]]:
+        return list(self.shard_offsets)
+
+    def checkpoint_leaves(self) -> list[str]:
+        return ["weight"] + (["bias"] if self.bias is not None else [])

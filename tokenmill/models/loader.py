@@ -1,16 +1,19 @@
 """Build a model from a local Hugging Face folder and fill it with the checkpoint's weights.
 
-The model is built on the meta device (no memory, no random init), materialised empty on the
-target device, and every parameter is then written exactly once from the checkpoint.
+The model is built on the meta device (no memory, no random init), quantized layers are swapped
+in where the checkpoint holds GPTQ tensors, it is materialised empty on the target device, and
+every tensor is then written exactly once from the checkpoint.
 """
 from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import logging
 import os
 from collections.abc import Iterator
+from typing import Any, Optional
 
 import torch
 from safetensors import safe_open
@@ -33,23 +36,64 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
+def _read_index(folder: str) -> tuple[Optional[str], Optional[dict[str, Any]]]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        path = os.path.join(folder, index_name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return index_name, json.load(f)
+    return None, None
+
+
 def checkpoint_files(folder: str) -> list[str]:
     """The weight files of a checkpoint: sharded or single safetensors, else pytorch .bin."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = os.path.join(folder, index_name)
-        if os.path.isfile(index):
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
-            if missing:
-                raise ValueError(f"{index_name} in {folder!r} names missing shard(s): {', '.join(missing)}")
-            return [os.path.join(folder, s) for s in shards]
+    index_name, index = _read_index(folder)
+    if index is not None:
+        shards = sorted(set(index["weight_map"].values()))
+        missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+        if missing:
+            raise ValueError(f"{index_name} in {folder!r} names missing shard(s): {', '.join(missing)}")
+        return [os.path.join(folder, s) for s in shards]
     for pattern in ("*.safetensors", "pytorch_model*.bin"):
         files = sorted(glob.glob(os.path.join(folder, pattern)))
         if files:
             return files
     raise ValueError(f"no weights in {folder!r}: expected model.safetensors, sharded safetensors with "
                      "model.safetensors.index.json, or pytorch_model*.bin")
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_shards(folder: str) -> None:
+    """Check each shard against the sha256 recorded in the index's metadata, when there is one."""
+    _, index = _read_index(folder)
+    recorded = ((index or {}).get("metadata") or {}).get("sha256") or {}
+    for name, digest in tqdm(sorted(recorded.items()), desc="checking shards", unit="file",
+                             disable=len(recorded) < 2):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise ValueError(f"shard {name!r} listed in the index is missing from {folder!r}")
+        if file_sha256(path) != digest:
+            raise ValueError(f"shard {name!r} in {folder!r} is corrupted or truncated: its sha256 does not "
+                             "match the one recorded when it was written")
+
+
+def checkpoint_tensor_names(folder: str) -> set[str]:
+    _, index = _read_index(folder)
+    if index is not None:
+        return set(index["weight_map"])
+    names: set[str] = set()
+    for path in checkpoint_files(folder):
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as f:
+                names.update(f.keys())
+    return names
 
 
 def iterate_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -69,6 +113,12 @@ def load_model(config: ModelConfig) -> nn.Module:
     cls = get_model_class(getattr(hf, "architectures", None))
     with _default_dtype(config.torch_dtype), torch.device("meta"):
         model = cls(hf, config.torch_dtype)
+        quant = getattr(hf, "quantization_config", None)
+        if quant:
+            from tokenmill.quantization.model import swap_in_quantized_layers
+
+            verify_shards(config.model)
+            swap_in_quantized_layers(model, quant, checkpoint_tensor_names(config.model))
     model = model.to_empty(device=config.torch_device)
     for module in model.modules():  # buffers computed at build time were lost on meta
         if hasattr(module, "init_buffers"):
@@ -78,40 +128,62 @@ def load_model(config: ModelConfig) -> nn.Module:
     return model.eval()
 
 
+def _route(model: nn.Module, name: str, packed: dict[str, tuple[str, Any]]) -> tuple[str, str, Any]:
+    """Checkpoint tensor name -> (module path in the model, leaf name, shard id or None)."""
+    module_path, _, leaf = name.rpartition(".")
+    for ckpt_part, (fused, shard) in packed.items():
+        if module_path.endswith("." + ckpt_part):
+            return module_path[: -len(ckpt_part)] + fused, leaf, shard
+    return module_path, leaf, None
+
+
+def expected_tensors(model: nn.Module) -> set[tuple[str, str, Any]]:
+    """Every (module path, leaf, shard) the checkpoint must provide."""
+    expected: set[tuple[str, str, Any]] = set()
+    merged: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(m + ".") for m in merged):
+            continue  # the pieces of a merged module are listed through it
+        if hasattr(module, "shard_names"):
+            merged.append(path)
+            expected.update((path, leaf, str(shard)) for shard in module.shard_names
+                            for leaf in module.checkpoint_leaves())
+            continue
+        for leaf, _ in module.named_parameters(recurse=False):
+            expected.add((path, leaf, None))
+        for leaf, _ in module.named_buffers(recurse=False):
+            if leaf not in module._non_persistent_buffers_set:
+                expected.add((path, leaf, None))
+    return expected
+
+
 def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Copy checkpoint tensors into `model`, routing fused projections through their loaders."""
-    params = dict(model.named_parameters())
-    packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
+    """Copy checkpoint tensors into `model`, routing fused projections through `load_shard`."""
+    packed: dict[str, tuple[str, Any]] = getattr(model, "packed_modules_mapping", {})
     tied = getattr(model, "tie_word_embeddings", False)
-    loaded: set[str] = set()
+    expected = expected_tensors(model)
+    if tied:
+        expected = {e for e in expected if e[0] != "lm_head" or e[1] != "weight"}
+    loaded: set[tuple[str, str, Any]] = set()
     for name, tensor in weights:
         if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
             continue
-        for ckpt_part, (fused, shard) in packed.items():
-            if f".{ckpt_part}." in name:
-                pname = name.replace(f".{ckpt_part}.", f".{fused}.")
-                param = params.get(pname)
-                if param is None:
-                    raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
-                model.get_submodule(pname.rsplit(".", 1)[0]).weight_loader(param, tensor, shard)
-                loaded.add(f"{pname}:{shard}")
-                break
+        path, leaf, shard = _route(model, name, packed)
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"checkpoint tensor {name!r} has no place in the model") from None
+        if shard is not None:
+            module.load_shard(leaf, tensor, shard)
         else:
-            param = params.get(name)
-            if param is None:
+            target = getattr(module, leaf, None)
+            if not isinstance(target, torch.Tensor):
                 raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
-            if param.shape != tensor.shape:
+            if target.shape != tensor.shape:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                 f"the model expects {tuple(param.shape)}")
-            param.data.copy_(tensor)
-            loaded.add(name)
-    expected = set()
-    for pname in params:
-        module = model.get_submodule(pname.rsplit(".", 1)[0])
-        if hasattr(module, "shard_offsets"):
-            expected.update(f"{pname}:{shard}" for shard in module.shard_offsets)
-        else:
-            expected.add(pname)
-    missing = sorted(expected - loaded)
+                                 f"the model expects {tuple(target.shape)}")
+            target.data.copy_(tensor)
+        loaded.add((path, leaf, None if shard is None else str(shard)))
+    missing = sorted(f"{p}.{leaf}" + (f"[{s}]" if s is not None else "") for p, leaf, s in expected - loaded)
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {', '.join(missing[:5])}")

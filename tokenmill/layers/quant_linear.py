@@ -1,0 +1,71 @@
+"""W4A16 (and 2/3/8-bit) linears in the GPTQ v1 format: weights stay packed in memory and are
+dequantized inside the layer's matmul, gpt-fast style (the forward is a reshape around one kernel).
+
+On CPU (and as the fallback everywhere) the kernel is torch: unpack, scale, matmul. The packed
+tensors keep the checkpoint's names (qweight, qzeros, scales, g_idx), so loading is a plain copy.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenmill.quantization.packing import dequantize_gptq
+
+
+class GPTQLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int) -> None:
+        super().__init__()
+        if (in_features * bits) % 32 or (out_features * bits) % 32:
+            raise ValueError(f"a {bits}-bit GPTQ layer needs in/out features whose bit count is a multiple of "
+                             f"32; got {in_features} x {out_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits = bits
+        self.group_size = group_size if group_size != -1 else in_features
+        groups = math.ceil(in_features / self.group_size)
+        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(groups, out_features * bits // 32, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
+                               self.in_features, self.out_features, dtype)  # (N, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+
+class GPTQMergedLinear(nn.Module):
+    """The quantized counterpart of MergedLinear: one GPTQ layer per checkpoint projection.
+
+    The pieces cannot be concatenated into one packed matrix: with act-order each has its own
+    g_idx, so each is dequantized and applied on its own and the outputs are concatenated.
+    """
+
+    def __init__(self, in_features: int, shard_sizes: dict[Union[str, int], int], bias: bool, bits: int,
+                 group_size: int) -> None:
+        super().__init__()
+        self.shards = nn.ModuleDict({str(k): GPTQLinear(in_features, n, bias, bits, group_size)
+                                     for k, n in shard_sizes.items()})
+        self.shard_names = [str(k) for k in shard_sizes]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(x) for m in self.shards.values()], dim=-1)
+
+    def load_shard(self, leaf: str, loaded: torch.Tensor, shard_id: Union[str, int]) -> None:
+        target: Optional[torch.Tensor] = getattr(self.shards[str(shard_id)], leaf, None)
+        if target is None:
+            raise ValueError(f"quantized shard {shard_id!r} has no tensor {leaf!r}")
+        if target.shape != loaded.shape:
+            raise ValueError(f"shard {shard_id!r} {leaf}: checkpoint shape {tuple(loaded.shape)}, "
+                             f"expected {tuple(target.shape)}")
+        target.data.copy_(loaded)
+
+    def checkpoint_leaves(self) -> list[str]:
+        first = next(iter(self.shards.values()))
+        return ["qweight", "qzeros", "scales", "g_idx"] + (["bias"] if first.bias is not None else [])
