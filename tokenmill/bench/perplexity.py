@@ -24,7 +24,7 @@ def perplexity(llm: Any, text: str, seq_len: int, batch_size: int = 8, limit: Op
     max_len = engine.scheduler_config.max_model_len
     if seq_len < 2 or seq_len >= max_len:
         raise ValueError(f"seq_len must be in [2, {max_len - 1}] for this model (max_model_len {max_len})")
-    ids = llm.get_tokenizer()(text).input_ids
+    ids = llm.get_tokenizer()(text, verbose=False).input_ids
     windows = [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
     if limit:
         windows = windows[:limit]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenmill.quantization.packing import dequantize_gptq
+from tokenmill.quantization.packing import dequantize_gptq, pack_rows, unpack_cols, unpack_rows
 
 
 class GPTQLinear(nn.Module):
@@ -31,13 +31,49 @@ class GPTQLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self._fast: Optional[dict[str, torch.Tensor]] = None  # built on first use, after loading
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
                                self.in_features, self.out_features, dtype)  # (N, K)
 
+    def _prepare_fast_path(self) -> Optional[dict[str, torch.Tensor]]:
+        """For 2/4/8 bits with whole groups: rows sorted by group (act-order rows are permuted
+        once here, and the input is permuted to match at run time, as exllama does), so the
+        dequantization is a reshape and two broadcasts instead of per-row gathers."""
+        K, N, g = self.in_features, self.out_features, self.group_size
+        if self.bits == 3 or K % g:
+            return None
+        g_idx = self.g_idx.long()
+        perm = torch.argsort(g_idx, stable=True)
+        if not torch.equal(g_idx[perm], torch.arange(K, device=g_idx.device) // g):
+            return None  # groups of unequal sizes: keep the general path
+        fast: dict[str, torch.Tensor] = {}
+        qweight = self.qweight
+        if not torch.equal(perm, torch.arange(K, device=perm.device)):
+            qweight = pack_rows(unpack_rows(self.qweight, self.bits, K)[perm], self.bits)
+            fast["perm"] = perm
+        per_word = 32 // self.bits
+        fast["qweight"] = qweight.view(K // per_word, 1, N)
+        fast["shifts"] = (torch.arange(per_word, device=qweight.device, dtype=torch.int32) * self.bits).view(1, -1, 1)
+        fast["zeros"] = (unpack_cols(self.qzeros, self.bits, N) + 1).to(torch.float32)[:, None, :]  # v1: stored - 1
+        fast["scales"] = self.scales.to(torch.float32)[:, None, :]  # (G, 1, N)
+        return fast
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        if self._fast is None:
+            self._fast = self._prepare_fast_path() or {}
+        f = self._fast
+        if not f:
+            return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        K, N = self.in_features, self.out_features
+        # An arithmetic shift then a mask narrower than the shift leaves exactly the packed bits.
+        q = (f["qweight"] >> f["shifts"]) & ((1 << self.bits) - 1)  # (K / per_word, per_word, N)
+        w = ((q.view(-1, self.group_size, N).to(torch.float32) - f["zeros"]) * f["scales"]).view(K, N)
+        if "perm" in f:
+            x = x.index_select(-1, f["perm"])
+        out = torch.matmul(x, w.to(x.dtype))
+        return out + self.bias if self.bias is not None else out
 
 
 class GPTQMergedLinear(nn.Module):

@@ -72,7 +72,7 @@ def load_calibration_text(path: Optional[str]) -> str:
 
 def calibration_samples(tokenizer: Any, text: str, num_samples: int, seq_len: int, seed: int) -> list[torch.Tensor]:
     """Random windows of seq_len tokens from the text, as the GPTQ paper samples C4."""
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]
     if len(ids) <= seq_len:
         raise ValueError(f"calibration text has {len(ids)} tokens; need more than seq_len={seq_len}")
     rng = random.Random(seed)
