@@ -143,3 +143,30 @@ def test_dynamic_rules_and_lm_head(make_checkpoint, calib, tmp_path):
     with pytest.raises(ValueError, match="ties lm_head"):
         quantize_model(tied, str(tmp_path / "tied"), QuantizeConfig(lm_head=True), calibration=calib,
                        num_samples=2, seq_len=32)
+
+
+@pytest.mark.parametrize("bits,group,act_order", [(4, 32, False), (4, 32, True), (2, 64, True), (8, 128, False),
+                                                  (3, 32, True), (4, 48, False)])
+def test_quantized_linear_forward_equals_float_linear_on_dequantized_weights(bits, group, act_order):
+    from tokenmill.layers.quant_linear import GPTQLinear
+    from tokenmill.quantization.rtn import rtn_quantize
+
+    torch.manual_seed(bits * 100 + group)
+    K, N = 128 if group != 48 else 96, 64
+    res = rtn_quantize(torch.randn(N, K), bits, group, sym=False)
+    g_idx = res.g_idx
+    if act_order:  # an act-order style g_idx: groups assigned through a random permutation
+        perm = torch.randperm(K)
+        g_idx = torch.empty(K, dtype=torch.int32)
+        g_idx[perm] = (torch.arange(K) // group).to(torch.int32)
+    from tokenmill.quantization.packing import pack_gptq
+
+    packed = pack_gptq(res.intweight, res.zeros, res.scales, g_idx, bits)
+    layer = GPTQLinear(K, N, bias=True, bits=bits, group_size=group)
+    for name, t in packed.items():
+        getattr(layer, name).copy_(t)
+    layer.bias.data = torch.randn(N)
+    x = torch.randn(5, K)
+    w = dequantize_gptq(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], bits, K, N,
+                        torch.float32)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, layer.bias), rtol=1e-5, atol=1e-5)
