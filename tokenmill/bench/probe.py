@@ -35,3 +35,13 @@ def measure_read_bandwidth(device: str | torch.device = "cpu", mib: int = 512, r
     t_sum = _best_time(lambda: w.sum(), repeats, sync)
     t_mv = _best_time(lambda: torch.mv(w, x), repeats, sync)
     return bytes_read / min(t_sum, t_mv)
+
+
+def measure_matmul_flops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024,
+                         repeats: int = 3) -> float:
+    """FLOP/s of a square matmul, the best of a few runs: what prefill-sized GEMMs can reach."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    return 2 * n**3 / _best_time(lambda: a @ b, repeats, sync)

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from tokenmill.engine.utilization import UtilizationMeter
+
 logger = logging.getLogger(__name__)
 
 # The headline model: Llama-shaped, ~100M parameters (GQA 12:4, tied 32k vocabulary).
@@ -78,7 +80,7 @@ def _workload(args: argparse.Namespace, vocab: int) -> list[tuple[list[int], int
     return work
 
 
-def _run_tokenmill(model: str, args: argparse.Namespace, work) -> dict[str, float]:
+def _run_tokenmill(model: str, args: argparse.Namespace, work, bandwidth: float) -> dict[str, float]:
     from tokenmill import LLM, SamplingParams
 
     llm = LLM(model, dtype=args.dtype, skip_tokenizer_init=True, max_num_seqs=args.max_num_seqs,
@@ -86,9 +88,15 @@ def _run_tokenmill(model: str, args: argparse.Namespace, work) -> dict[str, floa
     llm.generate([{"prompt_token_ids": work[0][0][:8]}], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     prompts = [{"prompt_token_ids": ids} for ids, _ in work]
     params = [SamplingParams(temperature=0, max_tokens=out, ignore_eos=True) for _, out in work]
+    llm.llm_engine.init_utilization_peaks()
+    runner = llm.llm_engine.model_runner
+    peaks = (runner.meter.peak_flops, bandwidth)  # the same probe as the bound printed below
+    runner.meter = UtilizationMeter()  # count the timed run only
+    runner.meter.set_peaks(*peaks)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=True)
     elapsed = time.perf_counter() - t0
+    util = llm.llm_engine.utilization()
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     # Single stream: one short prompt, time the decode steps only (the first step is the prefill).
     engine = llm.llm_engine
@@ -101,7 +109,9 @@ def _run_tokenmill(model: str, args: argparse.Namespace, work) -> dict[str, floa
         steps += 1
     decode_tps = steps / (time.perf_counter() - t1)
     return dict(elapsed_s=elapsed, output_tokens=n_out, output_tokens_per_s=n_out / elapsed,
-                single_stream_decode_tokens_per_s=decode_tps, weight_bytes=engine.model_runner.weight_bytes)
+                single_stream_decode_tokens_per_s=decode_tps, weight_bytes=engine.model_runner.weight_bytes,
+                mbu=util["mbu"], mfu=util["mfu"], peak_flops=util["peak_flops"],
+                peak_bandwidth=util["peak_bandwidth"])
 
 
 def _run_transformers(model: str, args: argparse.Namespace, work) -> dict[str, float]:
@@ -153,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     vocab = AutoConfig.from_pretrained(model).vocab_size
     work = _workload(args, vocab)
     bandwidth = measure_read_bandwidth()
-    tm = _run_tokenmill(model, args, work)
+    tm = _run_tokenmill(model, args, work, bandwidth)
     hf = _run_transformers(model, args, work)
     bound = bandwidth / tm["weight_bytes"]
     result = dict(model=model, dtype=args.dtype, num_prompts=args.num_prompts, input_len=args.input_len,
@@ -171,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{label:32}{hf[key]:>14.2f}{tm[key]:>14.2f}{ratio:>8.2f}x")
     print(f"memory read bandwidth (probe): {bandwidth / 1e9:.1f} GB/s -> decode bound {bound:.1f} tok/s; "
           f"tokenmill single stream at {100 * result['single_stream_fraction_of_bound']:.0f}% of it")
+    print(f"tokenmill during the run: MBU {100 * tm['mbu']:.0f}% of {tm['peak_bandwidth'] / 1e9:.1f} GB/s, "
+          f"MFU {100 * tm['mfu']:.0f}% of {tm['peak_flops'] / 1e9:.0f} GFLOP/s (probed peaks, busy time)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

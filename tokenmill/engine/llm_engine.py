@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import time
+
+import torch
 from typing import Any, Optional, Union
 
 from tokenmill.config import CacheConfig, ModelConfig, SchedulerConfig
@@ -182,6 +184,28 @@ class LLMEngine:
 
     def get_stats(self) -> EngineStats:
         return self.stats
+
+    def init_utilization_peaks(self) -> None:
+        """Set the peaks MBU/MFU are measured against: probed on CPU, datasheet on known GPUs."""
+        from tokenmill.bench.probe import measure_matmul_flops, measure_read_bandwidth
+
+        runner = self.model_runner
+        peak = None
+        if runner.device.type == "cuda":
+            from tokenmill.bench.roofline import device_peaks_for
+
+            peak = device_peaks_for(torch.cuda.get_device_name(runner.device), runner.dtype)
+        if peak is None:
+            peak = (measure_matmul_flops(runner.device, runner.dtype), measure_read_bandwidth(runner.device))
+        runner.meter.set_peaks(*peak)
+
+    def utilization(self, recent: bool = False) -> dict[str, Optional[float]]:
+        """MBU and MFU (over the last seconds if recent, else since start), with the raw totals."""
+        m = self.model_runner.meter
+        if m.peak_bandwidth is None:
+            self.init_utilization_peaks()
+        return dict(mbu=m.mbu(recent), mfu=m.mfu(recent), flops=m.total_flops, bytes=m.total_bytes,
+                    busy_seconds=m.total_seconds, peak_flops=m.peak_flops, peak_bandwidth=m.peak_bandwidth)
 
     def _make_output(self, req: Request) -> RequestOutput:
         outs = []

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 
 from tokenmill.config import CacheConfig, ModelConfig, SchedulerConfig
 from tokenmill.engine.scheduler import SampledToken, SchedulerOutput
 from tokenmill.engine.sequence import Sequence
+from tokenmill.engine.utilization import ModelCost, UtilizationMeter
 from tokenmill.layers.attention import (AttentionContext, DecodeGroup, PagedAttention, PrefillChunk,
                                        set_attention_context)
 from tokenmill.layers.linear import use_column_major_weights
@@ -42,11 +45,16 @@ class ModelRunner:
         self.device = model_config.torch_device
         self.dtype = model_config.torch_dtype
         self.model = load_model(model_config)
-        # Bytes one decode step reads: every weight once (a tied head is the embedding itself).
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        # Bytes one decode step reads: every weight once (a tied head is the embedding itself);
+        # GPTQ layers keep theirs in persistent buffers.
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters()) + sum(
+            b.numel() * b.element_size() for m in self.model.modules() for name, b in m.named_buffers(recurse=False)
+            if name not in m._non_persistent_buffers_set)
+        self.cost = self._model_cost()
+        self.meter = UtilizationMeter()
         if self.device.type == "cpu":
             use_column_major_weights(self.model)
-        self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.num_blocks = self._num_blocks(cache_config, scheduler_config)
         self._allocate_kv_cache()
         self.num_spill_blocks = cache_config.swap_space // (self.kv_bytes_per_token * self.block_size)
@@ -60,6 +68,17 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generator = torch.Generator().manual_seed(model_config.seed)
         self.token_text: Optional[Callable[[int], str]] = None  # set by the engine when it has a tokenizer
+
+    def _model_cost(self) -> ModelCost:
+        head = getattr(self.model, "lm_head", None)
+        head_params = head.in_features * head.out_features if head is not None else 0
+        linear_params = sum(m.in_features * m.out_features for m in self.model.modules()
+                            if hasattr(m, "in_features") and hasattr(m, "out_features") and m is not head
+                            and not any(isinstance(c, nn.Module) and hasattr(c, "in_features")
+                                        for c in m.children()))
+        attn = self.attn_layers[0]
+        return ModelCost(self.weight_bytes, self.kv_bytes_per_token, linear_params, head_params,
+                         len(self.attn_layers), attn.num_heads * attn.head_dim)
 
     @property
     def flops_per_token(self) -> float:
@@ -110,6 +129,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, banned: dict[int, list[int]]) -> dict[int, SampledToken]:
         """Run one step. Returns the sampled token of every sequence that finished its prompt/chunk."""
+        start_time = time.perf_counter()
         self._copy_blocks(sched.block_copies)
         # Decodes sorted by context length, so neighbours can share one padded attention call.
         decodes = sorted(((s, n) for s, n in sched.scheduled if n == 1), key=lambda x: x[0].num_computed_tokens)
@@ -151,7 +171,9 @@ class ModelRunner:
             ends.append(offset - 1)
         self._prompt_logprobs(ordered, hidden)
         samplers = [(i, seq) for i, (seq, n) in enumerate(ordered) if seq.num_computed_tokens + n == seq.num_tokens]
+        chunks = [(seq.num_computed_tokens, n) for seq, n in ordered]
         if not samplers:
+            self.meter.record(*self.cost.step(chunks, 0), time.perf_counter() - start_time)
             return {}
         idx = torch.tensor([ends[i] for i, _ in samplers], device=self.device)
         logits = self.model.compute_logits(hidden[idx])
@@ -169,6 +191,7 @@ class ModelRunner:
                     if tid not in top:
                         top[tid] = Logprob(float(out.top_logprobs[j, r]), r + 1, self._text(tid))
             result[seq.seq_id] = SampledToken(out.token_ids[j], out.logprobs[j], top)
+        self.meter.record(*self.cost.step(chunks, len(samplers)), time.perf_counter() - start_time)
         return result
 
     def _copy_blocks(self, copies: list[tuple[str, int, int]]) -> None:

@@ -117,6 +117,7 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
     access = AccessController.from_args(args.api_key, args.api_keys_file, args.signature_policy_file)
     llm = LLM(**engine_kwargs)
     core = llm.llm_engine
+    core.init_utilization_peaks()  # a short probe on CPU; datasheet peaks on known GPUs
     names = args.served_model_name or [core.model_config.model.rstrip("/").rsplit("/", 1)[-1]]
     metrics = ServerMetrics(names[0])
     sched = core.scheduler_config

@@ -28,6 +28,9 @@ class ServerMetrics:
         self.num_requests_running = gauge("num_requests_running", "Requests in the running batch.")
         self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_cache_usage_perc = gauge("kv_cache_usage_perc", "Fraction of KV blocks held by requests (0-1).")
+        self.mbu = gauge("model_bandwidth_utilization",
+                         "Bytes moved per busy second over the device's peak bandwidth, last 10 s (0-1).")
+        self.mfu = gauge("model_flops_utilization", "FLOPs per busy second over the device's peak, last 10 s (0-1).")
         self.prefix_cache_queries = counter("prefix_cache_queries", "Tokens looked up in the prefix cache.")
         self.prefix_cache_hits = counter("prefix_cache_hits", "Tokens found in the prefix cache.")
         self.num_preemptions = counter("num_preemptions", "Sequences preempted for lack of KV blocks.")
@@ -66,6 +69,9 @@ class ServerMetrics:
         self.update_gauges(engine)
         if not stepped:
             return
+        util = engine.utilization(recent=True)
+        self.mbu.set(util["mbu"] or 0.0)
+        self.mfu.set(util["mfu"] or 0.0)
         s = engine.get_stats()
         if s.batch_num_seqs:
             self.batch_seqs.observe(s.batch_num_seqs)
