@@ -189,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_ppl_args(ppl)
     ppl.set_defaults(func=run_ppl)
 
+    from tokenmill.bench.roofline import add_args as add_roofline_args, run as run_roofline
+
+    rf = sub.add_parser("roofline", help="roofline of a model on a device: intensity, bounds, memory")
+    add_roofline_args(rf)
+    rf.set_defaults(func=run_roofline)
+
     b = sub.add_parser("bench", help="benchmarks: tokenmill and its baseline, side by side")
     bsub = b.add_subparsers(dest="bench", required=True)
     from tokenmill.bench.throughput import add_args as add_throughput_args, run as run_throughput

@@ -123,6 +123,7 @@ def test_metrics_parse_and_describe_load(server, client):
     client.completions.create(model="demo", prompt="x", max_tokens=3)
     m = server.metrics()
     for name in ("tokenmill:num_requests_running", "tokenmill:num_requests_waiting", "tokenmill:kv_cache_usage_perc",
+                 "tokenmill:model_bandwidth_utilization", "tokenmill:model_flops_utilization",
                  "tokenmill:prefix_cache_queries_total", "tokenmill:prefix_cache_hits_total",
                  "tokenmill:num_preemptions_total", "tokenmill:prompt_tokens_total",
                  "tokenmill:generation_tokens_total", "tokenmill:time_to_first_token_seconds_count",

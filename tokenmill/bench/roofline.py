@@ -87,15 +87,23 @@ DEVICES: dict[str, Device] = {
 
 
 def probe_matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 3) -> float:
-    """FLOP/s of an n×n @ n×n matmul on the CPU (best of `repeats`, after one warm-up)."""
+    """FLOP/s of an n x n matmul on the CPU (see bench/probe.py)."""
     import torch
 
-    from tokenmill.bench.probe import _best_time
+    from tokenmill.bench.probe import measure_matmul_flops
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"cannot probe {dtype} matmul on the CPU")
-    a, b = (torch.randn(n, n).to(getattr(torch, dtype)) for _ in range(2))
-    return 2 * n**3 / _best_time(lambda: torch.mm(a, b), repeats, lambda: None)
+    return measure_matmul_flops("cpu", getattr(torch, dtype), n, repeats)
+
+
+def device_peaks_for(device_name: str, dtype: Any) -> Optional[tuple[float, float]]:
+    """(peak FLOP/s, bandwidth) from the table for a GPU whose name contains a row's name."""
+    key = str(dtype).replace("torch.", "")
+    for name, dev in DEVICES.items():
+        if name.lower() in device_name.lower() and key in dev.peak_flops:
+            return dev.peak_flops[key], dev.bandwidth
+    return None
 
 
 def cpu_device(dtype: str = "float32", n: int = 2048, mib: int = 512, flops: Optional[float] = None,
