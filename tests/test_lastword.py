@@ -84,36 +84,33 @@ def test_both_paths_agree_on_a_slice(models):
     assert hf_preds == tm_preds  # identical predictions, so identical counts
     assert hf_c == tm_c == sum(p == ex.target for p, ex in zip(hf_preds, examples))
     assert hf_c > 0  # the demo model gets some right
+    # EOS handling is exercised: passage 36 of the set ends in EOS within 8 tokens (transformers' batch
+    # output is cut at the first EOS, tokenmill stops there) and its row is left-padded in its batch.
+    from tokenmill import SamplingParams
 
-
-def test_eos_is_cut_like_tokenmill(models):
-    """A prompt that ends in EOS-prone text: transformers' batch output is cut at the first EOS, as tokenmill stops."""
-    tok, hf, llm = models
-    passages = ["Return the value of the named attribute of object. name must be a string",
-                "This is the end of the text. The end"]
-    # Odd batch size so padding and per-row EOS both occur.
-    _, _, _, hf_preds = evaluate_transformers(hf, tok, passages, batch_size=2, max_new_tokens=24, progress=False)
-    _, _, _, tm_preds = evaluate_tokenmill(llm, passages, max_new_tokens=24, progress=False)
-    assert hf_preds == tm_preds
+    out = llm.generate([{"prompt_token_ids": examples[36].context_ids}], SamplingParams(temperature=0, max_tokens=8),
+                       use_tqdm=False)[0].outputs[0].token_ids
+    assert out[-1] == tok.eos_token_id and len(out) < 8
+    assert len(examples[36].context_ids) < max(len(ex.context_ids) for ex in examples[32:48])
 
 
 def test_run_writes_json(tmp_path, capsys):
     p = argparse.ArgumentParser()
     add_args(p)
     out = tmp_path / "r.json"
-    assert run(p.parse_args(["--limit", "6", "--batch-size", "4", "--max-new-tokens", "4", "--json", str(out)])) == 0
+    assert run(p.parse_args(["--limit", "5", "--batch-size", "4", "--max-new-tokens", "3", "--json", str(out)])) == 0
     printed = capsys.readouterr().out
-    assert re.search(r"^transformers: Accuracy: \d+\.\d\d% \(\d+/6\) \(elapsed time: \d+\.\d sec\)$", printed, re.M)
-    assert re.search(r"^tokenmill:    Accuracy: \d+\.\d\d% \(\d+/6\) \(elapsed time: \d+\.\d sec\)$", printed, re.M)
+    assert re.search(r"^transformers: Accuracy: \d+\.\d\d% \(\d+/5\) \(elapsed time: \d+\.\d sec\)$", printed, re.M)
+    assert re.search(r"^tokenmill:    Accuracy: \d+\.\d\d% \(\d+/5\) \(elapsed time: \d+\.\d sec\)$", printed, re.M)
     assert re.search(r"^time ratio: \d+\.\d\dx \(transformers / tokenmill\)$", printed, re.M)
     r = json.loads(out.read_text())
     for key in ("model", "data", "num_passages", "max_new_tokens", "batch_size", "transformers", "tokenmill",
                 "time_ratio", "accuracy_diff_points", "disagreements"):
         assert key in r
-    assert r["num_passages"] == 6 and r["max_new_tokens"] == 4 and r["batch_size"] == 4
+    assert r["num_passages"] == 5 and r["max_new_tokens"] == 3 and r["batch_size"] == 4
     for side in ("transformers", "tokenmill"):
         assert set(r[side]) >= {"accuracy", "correct", "total", "elapsed_s"}
-        assert r[side]["total"] == 6
+        assert r[side]["total"] == 5
     assert r["accuracy_diff_points"] == pytest.approx(r["tokenmill"]["accuracy"] - r["transformers"]["accuracy"])
 
 

@@ -188,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     ppl = evsub.add_parser("ppl", help="perplexity over non-overlapping windows (the GPTQ paper's measure)")
     add_ppl_args(ppl)
     ppl.set_defaults(func=run_ppl)
+    from tokenmill.bench.lastword import add_args as add_lastword_args, run as run_lastword
+
+    lw = evsub.add_parser("lastword", help="LAMBADA-style last-word accuracy and time: transformers vs tokenmill")
+    add_lastword_args(lw)
+    lw.set_defaults(func=run_lastword)
 
     from tokenmill.bench.roofline import add_args as add_roofline_args, run as run_roofline
 
