@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -181,37 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_args(q)
     q.set_defaults(func=cmd_quantize)
 
-    ev = sub.add_parser("eval", help="evaluations")
-    evsub = ev.add_subparsers(dest="eval", required=True)
-    from tokenmill.bench.perplexity import add_args as add_ppl_args, run as run_ppl
-
-    ppl = evsub.add_parser("ppl", help="perplexity over non-overlapping windows (the GPTQ paper's measure)")
-    add_ppl_args(ppl)
-    ppl.set_defaults(func=run_ppl)
-    from tokenmill.bench.lastword import add_args as add_lastword_args, run as run_lastword
-
-    lw = evsub.add_parser("lastword", help="LAMBADA-style last-word accuracy and time: transformers vs tokenmill")
-    add_lastword_args(lw)
-    lw.set_defaults(func=run_lastword)
-
-    from tokenmill.bench.roofline import add_args as add_roofline_args, run as run_roofline
-
-    rf = sub.add_parser("roofline", help="roofline of a model on a device: intensity, bounds, memory")
-    add_roofline_args(rf)
-    rf.set_defaults(func=run_roofline)
-
+    ev = sub.add_parser("eval", help="evaluations").add_subparsers(dest="eval", required=True)
     b = sub.add_parser("bench", help="benchmarks: tokenmill and its baseline, side by side")
-    bsub = b.add_subparsers(dest="bench", required=True)
-    from tokenmill.bench.throughput import add_args as add_throughput_args, run as run_throughput
-
-    t = bsub.add_parser("throughput", help="offline throughput vs transformers' generate")
-    add_throughput_args(t)
-    t.set_defaults(func=run_throughput)
-    from tokenmill.bench.prefix import add_args as add_prefix_args, run as run_prefix
-
-    pf = bsub.add_parser("prefix", help="multi-turn chat: prefix cache off / on / under pressure / spill")
-    add_prefix_args(pf)
-    pf.set_defaults(func=run_prefix)
+    bench = b.add_subparsers(dest="bench", required=True)
+    # Commands whose module provides add_args(parser) and run(args).
+    for group, name, module, help_text in (
+        (ev, "ppl", "perplexity", "perplexity over non-overlapping windows (the GPTQ paper's measure)"),
+        (ev, "lastword", "lastword", "LAMBADA-style last-word accuracy and time: transformers vs tokenmill"),
+        (sub, "roofline", "roofline", "roofline of a model on a device: intensity, bounds, memory"),
+        (bench, "throughput", "throughput", "offline throughput vs transformers' generate"),
+        (bench, "prefix", "prefix", "multi-turn chat: prefix cache off / on / under pressure / spill"),
+    ):
+        mod = importlib.import_module(f"tokenmill.bench.{module}")
+        cmd = group.add_parser(name, help=help_text)
+        mod.add_args(cmd)
+        cmd.set_defaults(func=mod.run)
     return parser
 
 
