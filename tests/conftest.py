@@ -51,7 +51,7 @@ def make_checkpoint(tmp_path_factory, tokenizer_dir) -> Callable[..., tuple[str,
         key = repr((arch, seed, sorted(overrides.items())))
         if key in cache:
             return cache[key]
-        cfg_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+        cfg_cls = getattr(transformers, {"GPT2LMHeadModel": "GPT2Config"}.get(arch, arch.replace("ForCausalLM", "Config")))
         kw = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,

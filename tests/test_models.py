@@ -23,6 +23,11 @@ CASES = {
     "qwen2-tied": ("Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "qwen2-window": ("Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=12,
                                               max_window_layers=1, num_hidden_layers=3)),
+    "gpt2": ("GPT2LMHeadModel", dict(n_inner=128)),
+    "opt-pre-ln": ("OPTForCausalLM", dict(ffn_dim=128)),
+    "opt-post-ln-project": ("OPTForCausalLM", dict(ffn_dim=128, do_layer_norm_before=False, word_embed_proj_dim=32)),
+    "bloom": ("BloomForCausalLM", dict()),
+    "bloom-6-heads": ("BloomForCausalLM", dict(hidden_size=96, num_attention_heads=6)),
 }
 
 

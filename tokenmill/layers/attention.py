@@ -64,8 +64,10 @@ class PagedAttention(nn.Module):
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 sliding_window: Optional[int] = None) -> None:
+                 sliding_window: Optional[int] = None, alibi_slopes: Optional[list[float]] = None) -> None:
         super().__init__()
+        # ALiBi (Bloom): scores get slope_h * key_position added; softmax ignores the per-query shift.
+        self.alibi_slopes = alibi_slopes
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -107,8 +109,12 @@ class PagedAttention(nn.Module):
         mask = pos[None, :] < context_lens[:, None]  # (D, L)
         if self.sliding_window is not None:
             mask &= pos[None, :] >= (context_lens[:, None] - self.sliding_window)
+        attn_mask = mask[:, None, None, :]
+        if self.alibi_slopes is not None:  # (D, H, 1, L) additive bias
+            bias = torch.tensor(self.alibi_slopes, device=q.device)[None, :, None, None] * pos.float()
+            attn_mask = bias.masked_fill(~attn_mask, float("-inf")).to(q.dtype)
         o = F.scaled_dot_product_attention(q.view(D, self.num_heads, 1, self.head_dim), k, v,
-                                           attn_mask=mask[:, None, None, :], scale=self.scale,
+                                           attn_mask=attn_mask, scale=self.scale,
                                            enable_gqa=self.num_heads != self.num_kv_heads)
         return o.view(D, self.num_heads, self.head_dim)
 
@@ -119,12 +125,16 @@ class PagedAttention(nn.Module):
             k = self._gather(self.k_cache, p.block_table[:nb])[:ctx_len]
             v = self._gather(self.v_cache, p.block_table[:nb])[:ctx_len]
         mask = None
-        if ctx_len > n or (self.sliding_window is not None and self.sliding_window < n):
+        if ctx_len > n or self.alibi_slopes is not None or (self.sliding_window is not None
+                                                             and self.sliding_window < n):
             qpos = torch.arange(ctx_len - n, ctx_len, device=q.device)[:, None]
             kpos = torch.arange(ctx_len, device=q.device)[None, :]
             mask = kpos <= qpos
             if self.sliding_window is not None:
                 mask &= kpos > qpos - self.sliding_window
+            if self.alibi_slopes is not None:  # (H, n, ctx) additive bias
+                bias = torch.tensor(self.alibi_slopes, device=q.device)[:, None, None] * kpos.float()
+                mask = bias.masked_fill(~mask, float("-inf")).to(q.dtype)
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),  # (H, n, hd), (KVH, ctx, hd)
             attn_mask=mask, is_causal=mask is None, scale=self.scale,

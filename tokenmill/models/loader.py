@@ -165,14 +165,24 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
     if tied:
         expected = {e for e in expected if e[0] != "lm_head" or e[1] != "weight"}
     loaded: set[tuple[str, str, Any]] = set()
+    ignored = ("rotary_emb.inv_freq",) + tuple(getattr(model, "ignored_checkpoint_suffixes", ()))
+    prefix = getattr(model, "checkpoint_prefix", "")
     for name, tensor in weights:
-        if "rotary_emb.inv_freq" in name or (tied and name == "lm_head.weight"):
+        if name.endswith(ignored) or (tied and name == "lm_head.weight"):
             continue
         path, leaf, shard = _route(model, name, packed)
         try:
             module = model.get_submodule(path)
         except AttributeError:
-            raise ValueError(f"checkpoint tensor {name!r} has no place in the model") from None
+            try:  # checkpoints saved from the base model lack the wrapper's prefix
+                path = prefix + path
+                module = model.get_submodule(path) if prefix else None
+            except AttributeError:
+                module = None
+            if module is None:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in the model") from None
+        if getattr(module, "checkpoint_transposed", False) and leaf == "weight":
+            tensor = tensor.t()
         if shard is not None:
             module.load_shard(leaf, tensor, shard)
         else:

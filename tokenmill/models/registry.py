@@ -10,6 +10,9 @@ _MODELS: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("tokenmill.models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("tokenmill.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("tokenmill.models.llama", "LlamaForCausalLM"),
+    "GPT2LMHeadModel": ("tokenmill.models.gpt2", "GPT2LMHeadModel"),
+    "OPTForCausalLM": ("tokenmill.models.opt", "OPTForCausalLM"),
+    "BloomForCausalLM": ("tokenmill.models.bloom", "BloomForCausalLM"),
 }
 
 

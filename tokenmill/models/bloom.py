@@ -1,0 +1,93 @@
+"""BloomForCausalLM: ALiBi instead of positions, a fused query_key_value laid out per head
+([heads, 3, head_dim] along the output), LayerNorm after the word embeddings, GELU (tanh form)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from tokenmill.layers.attention import PagedAttention
+
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """The ALiBi paper's head slopes: a geometric sequence, interleaved when heads is not 2^k."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
+    slopes = [base ** p for p in range(1, closest + 1)]
+    if closest != num_heads:
+        extra = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra ** p for p in range(1, 2 * min(closest, num_heads - closest), 2)]
+    return slopes
+
+
+def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
+    # The constant Bloom was trained with (tanh approximation), kept bit-for-bit.
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+class BloomAttention(nn.Module):
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.num_heads = cfg.n_head
+        self.head_dim = cfg.hidden_size // self.num_heads
+        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim, self.head_dim ** -0.5,
+                                   alibi_slopes=alibi_slopes(self.num_heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        qkv = self.query_key_value(x).view(T, self.num_heads, 3, self.head_dim)
+        q, k, v = (qkv[:, :, i].reshape(T, -1) for i in range(3))
+        return self.dense(self.attn(q, k, v))
+
+
+class BloomBlock(nn.Module):
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        eps = cfg.layer_norm_epsilon
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=eps)
+        self.self_attention = BloomAttention(cfg)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=eps)
+        self.mlp = nn.Module()
+        self.mlp.dense_h_to_4h = nn.Linear(cfg.hidden_size, 4 * cfg.hidden_size)
+        self.mlp.dense_4h_to_h = nn.Linear(4 * cfg.hidden_size, cfg.hidden_size)
+        self.post_ln_residual = bool(cfg.apply_residual_connection_post_layernorm)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        x = self.self_attention(h) + (h if self.post_ln_residual else x)
+        h = self.post_attention_layernorm(x)
+        return self.mlp.dense_4h_to_h(bloom_gelu(self.mlp.dense_h_to_4h(h))) + (h if self.post_ln_residual else x)
+
+
+class BloomForCausalLM(nn.Module):
+    packed_modules_mapping: dict = {}
+    checkpoint_prefix = "transformer."  # the original bloom checkpoints store names without it
+
+    def __init__(self, cfg: Any, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.transformer = nn.Module()
+        t = self.transformer
+        t.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        t.word_embeddings_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
+        t.h = nn.ModuleList(BloomBlock(cfg) for _ in range(cfg.n_layer))
+        t.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", True))
+
+    def tie_weights(self) -> None:
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.word_embeddings.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        t = self.transformer
+        x = t.word_embeddings_layernorm(t.word_embeddings(input_ids))
+        for block in t.h:
+            x = block(positions, x)
+        return t.ln_f(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
