@@ -72,6 +72,21 @@ def test_quantized_folder_serves_like_dequantized_transformers(make_checkpoint, 
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(ref, p, 8) for p in prompts]
 
 
+@pytest.mark.parametrize("arch,overrides,num_linear", [("BloomForCausalLM", {}, 4),
+                                                       ("OPTForCausalLM", dict(ffn_dim=128), 6)])
+def test_other_architectures_quantize_and_serve(make_checkpoint, calib, tmp_path, arch, overrides, num_linear):
+    path, hf = make_checkpoint(arch, seed=8, **overrides)
+    out = tmp_path / "q"
+    report = quantize_model(path, str(out), QuantizeConfig(bits=4, group_size=32, desc_act=True), calibration=calib,
+                            num_samples=8, seq_len=64)
+    assert len(report.modules) == 2 * num_linear
+    ref = dequantized_reference(hf, str(out))
+    prompts = random_prompts([6, 21], seed=2)
+    outs = LLM(str(out), dtype="float32").generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(
+        temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(ref, p, 6) for p in prompts]
+
+
 def test_gptq_beats_rtn_and_weights_stay_small(make_checkpoint, calib, tmp_path):
     path, _ = make_checkpoint("LlamaForCausalLM", seed=4, hidden_size=256, intermediate_size=512,
                               num_attention_heads=8, num_key_value_heads=4)

@@ -76,3 +76,18 @@ def test_sharded_safetensors_and_bin(make_checkpoint, tmp_path):
         out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
                            use_tqdm=False)[0]
         assert out.outputs[0].token_ids == exp
+
+
+def test_bloom_7b1_real_config_builds():
+    """The article's model: its real config.json loads and builds (on meta: no memory, no weights)."""
+    from pathlib import Path
+
+    from tokenmill.config import ModelConfig
+    from tokenmill.models.registry import get_model_class
+
+    cfg = ModelConfig(str(Path(__file__).parent / "data" / "bloom-7b1"), device="cpu")
+    with torch.device("meta"):
+        model = get_model_class(cfg.hf_config.architectures)(cfg.hf_config, torch.float16)
+    model.tie_weights()
+    assert sum(p.numel() for p in model.parameters()) == 7_069_016_064
+    assert len(model.transformer.h) == 30 and model.transformer.h[0].self_attention.num_heads == 32

@@ -95,6 +95,9 @@ def test_abort_frees_blocks_and_others_finish(reference):
 @pytest.mark.parametrize("arch,overrides", [
     ("MistralForCausalLM", dict(sliding_window=8)),
     ("Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    ("BloomForCausalLM", dict()),
+    ("GPT2LMHeadModel", dict(n_inner=128)),
+    ("OPTForCausalLM", dict(ffn_dim=128, do_layer_norm_before=False, word_embed_proj_dim=32)),
 ])
 def test_other_architectures_under_pressure(make_checkpoint, arch, overrides):
     """Sliding windows and biases through chunked prefill, odd block sizes and preemption."""
