@@ -44,8 +44,10 @@ def dequantized_reference(hf_model, folder: str):
             m = name[: -len(".qweight")]
             bits = cfg.for_module(m)["bits"]
             k, n = tensors[f"{m}.g_idx"].shape[0], tensors[f"{m}.scales"].shape[1]
-            state[f"{m}.weight"] = dequantize_gptq(t, tensors[f"{m}.qzeros"], tensors[f"{m}.scales"],
-                                                   tensors[f"{m}.g_idx"], bits, k, n, torch.float32)
+            w = dequantize_gptq(t, tensors[f"{m}.qzeros"], tensors[f"{m}.scales"], tensors[f"{m}.g_idx"], bits,
+                                k, n, torch.float32)
+            conv1d = type(hf_model.get_submodule(m)).__name__ == "Conv1D"  # GPT-2 stores (in, out)
+            state[f"{m}.weight"] = w.t().contiguous() if conv1d else w
         elif not name.endswith((".qzeros", ".scales", ".g_idx")):
             state[name] = t.float()
     ref = type(hf_model)(hf_model.config).eval()
@@ -73,7 +75,8 @@ def test_quantized_folder_serves_like_dequantized_transformers(make_checkpoint, 
 
 
 @pytest.mark.parametrize("arch,overrides,num_linear", [("BloomForCausalLM", {}, 4),
-                                                       ("OPTForCausalLM", dict(ffn_dim=128), 6)])
+                                                       ("OPTForCausalLM", dict(ffn_dim=128), 6),
+                                                       ("GPT2LMHeadModel", dict(n_inner=128), 4)])
 def test_other_architectures_quantize_and_serve(make_checkpoint, calib, tmp_path, arch, overrides, num_linear):
     path, hf = make_checkpoint(arch, seed=8, **overrides)
     out = tmp_path / "q"

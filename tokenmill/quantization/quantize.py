@@ -130,9 +130,19 @@ def _relative_error(h: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> fl
     return math.sqrt(max(num.item(), 0.0) / den.item()) if den.item() > 0 else 0.0
 
 
-def _quantize_module(name: str, module: nn.Linear, gptq: GPTQ, settings: dict[str, Any], method: str,
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a linear whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight in Linear layout (out, in), whatever the module stores."""
+    return module.weight.data.t() if _is_conv1d(module) else module.weight.data
+
+
+def _quantize_module(name: str, module: nn.Module, gptq: GPTQ, settings: dict[str, Any], method: str,
                      packed_out: dict[str, dict[str, torch.Tensor]], report: QuantizeReport) -> None:
-    w = module.weight.data.float()
+    w = _linear_weight(module).float()
     h = gptq.H.clone()
     if method == "rtn":
         res = rtn_quantize(w, settings["bits"], settings["group_size"], settings["sym"])
@@ -144,7 +154,8 @@ def _quantize_module(name: str, module: nn.Linear, gptq: GPTQ, settings: dict[st
     w_hat = dequantize_gptq(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"],
                             settings["bits"], w.shape[1], w.shape[0], torch.float32)
     report.modules.append(ModuleReport(name, settings["bits"], settings["group_size"], _relative_error(h, w, w_hat)))
-    module.weight.data = w_hat.to(module.weight.dtype)  # later layers calibrate on what will be served
+    # Later layers calibrate on what will be served.
+    module.weight.data = (w_hat.t() if _is_conv1d(module) else w_hat).contiguous().to(module.weight.dtype)
     packed_out[name] = packed
 
 
@@ -192,7 +203,7 @@ def quantize_model(model_dir: str, out_dir: str, qcfg: QuantizeConfig, method: s
     report = QuantizeReport()
     packed: dict[str, dict[str, torch.Tensor]] = {}
     for i, layer in enumerate(tqdm(layers, desc=f"{method} {qcfg.bits}-bit", unit="layer")):
-        linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)}
         for group in _sequential_groups(layer, linears, inputs[0], kwargs[0], qcfg.true_sequential):
             todo = {}
             for n in group:
@@ -201,7 +212,7 @@ def quantize_model(model_dir: str, out_dir: str, qcfg: QuantizeConfig, method: s
                 if settings is None:
                     report.skipped.append(full)
                 else:
-                    todo[n] = (full, settings, GPTQ(linears[n].weight.data))
+                    todo[n] = (full, settings, GPTQ(_linear_weight(linears[n])))
             hooks = [linears[n].register_forward_hook(
                 lambda mod, inp, out, g=g: g.add_batch(inp[0].reshape(-1, inp[0].shape[-1])))
                 for n, (_, _, g) in todo.items()]
