@@ -106,3 +106,25 @@ def test_spill_tier_keeps_evicted_blocks_and_copies_back():
     # When recomputing is cheaper, the spilled block is not used.
     slow_link = SpillCostModel(kv_bytes_per_token=10**6, flops_per_token=1.0, link_bandwidth=1.0, device_flops=1e12)
     assert not slow_link.swap_in_is_cheaper(4)
+
+
+def test_copy_back_survives_a_full_spill_tier():
+    """Taking device blocks for a spilled hit evicts other cached blocks into a full spill tier;
+    the hit's own spilled blocks are reserved and must not be pushed out (a found regression)."""
+    cheap_copy = SpillCostModel(kv_bytes_per_token=1, flops_per_token=1e9)
+    bm = BlockManager(num_blocks=3, block_size=2, num_spill_blocks=2, cost_model=cheap_copy)
+    a, _ = run_prefill(bm, [1, 2, 3, 4, 5])
+    bm.free(a)
+    b, _ = run_prefill(bm, [5, 6, 7, 8, 9, 10])  # spills A's two blocks: the tier is now full
+    bm.free(b)
+    bm.take_copies()
+    c, hit = run_prefill(bm, [1, 2, 3, 4, 11])
+    assert hit.num_spilled == 2 and len(c.block_table) == 3
+    copies = bm.take_copies()
+    ins = [x for x in copies if x[0] == "in"]
+    assert [x[1] for x in ins] == [1, 0]  # A's first block sits in spill slot 1, its second in 0
+    # No content is copied out into a slot whose copy back has not been queued before it.
+    for i, (direction, _, dst) in enumerate(copies):
+        if direction == "out":
+            assert all(copies.index(x) < i for x in ins if x[1] == dst)
+    assert bm.spill.num_used_blocks + len(bm.spill.free) == 2

@@ -64,6 +64,8 @@ def test_bad_requests_refused_while_others_finish(make_checkpoint):
         engine.add_request("", sp)
     with pytest.raises(ValueError, match=r"\[0, 512\)"):
         engine.add_request({"prompt_token_ids": [5, 9999]}, sp)
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        engine.add_request({"prompt_token_ids": p}, SamplingParams(min_tokens=2, stop_token_ids=[999999]))
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request({"prompt_token_ids": p}, sp, request_id="good")
     with pytest.raises(ValueError, match="prompts"):

@@ -143,3 +143,18 @@ def test_constant_hash_end_to_end_stays_exact(ckpt):
     llm.llm_engine.block_manager.hash_fn = lambda parent, tokens: 7
     assert [o.outputs[0].token_ids for o in run(llm, prompts)] == ref
     check_invariants(llm.llm_engine)
+
+
+def test_prompt_logprobs_complete_despite_a_cached_prefix(ckpt):
+    llm = LLM(ckpt, skip_tokenizer_init=True, block_size=4)
+    prompt = random_prompts([20], seed=70)[0]
+    params = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1)
+    first = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+    second = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+    assert len(first.prompt_logprobs) == len(second.prompt_logprobs) == 20
+    assert [d[t].logprob for d, t in zip(second.prompt_logprobs[1:], prompt[1:])] == pytest.approx(
+        [d[t].logprob for d, t in zip(first.prompt_logprobs[1:], prompt[1:])], abs=1e-5)
+    # Without prompt logprobs the same prompt hits the cache.
+    before = llm.llm_engine.get_stats().prefix_cache_hits
+    llm.generate({"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)
+    assert llm.llm_engine.get_stats().prefix_cache_hits > before

@@ -107,6 +107,8 @@ def test_chat_errors(client):
     b"{not json", b'{"model": "demo", "prompt": "\xff\xfe"}', b'{"model": "demo"}', b"[]",
     b'{"model": "demo", "prompt": "x", "max_tokens": "many"}', b'{"model": "demo", "prompt": "x", "n": 0}',
     b'{"model": "demo", "prompt": [1, "a"]}', b'{"model": "demo", "prompt": [999999]}',
+    b'{"model": "demo", "prompt": "x", "min_tokens": 2, "stop_token_ids": [999999]}',
+    b'{"model": "demo", "prompt": "x", "stream": true, "min_tokens": 2, "stop_token_ids": [999999]}',
 ])
 def test_malformed_input_is_a_4xx_with_openai_body(server, body):
     r = httpx.post(f"{server.url}/v1/completions", content=body, headers={"content-type": "application/json"})

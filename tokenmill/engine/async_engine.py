@@ -46,6 +46,9 @@ class AsyncLLMEngine:
         self._lock = threading.Lock()
         self._pending_tokens = 0  # accepted, not yet handed to the scheduler
         self._pending_requests = 0
+        # Handed to the scheduler since the last load snapshot: not in it yet, no longer pending.
+        self._unseen_tokens = 0
+        self._unseen_requests = 0
         self.load = LoadSnapshot(free_blocks=engine.block_manager.num_free_blocks)
         self.error: Optional[BaseException] = None
         self._stop = threading.Event()
@@ -61,8 +64,9 @@ class AsyncLLMEngine:
         """(requests in the system, queued tokens, free KV blocks, running requests)."""
         with self._lock:
             load = self.load
-            return (load.num_running + load.num_waiting + self._pending_requests,
-                    load.waiting_tokens + self._pending_tokens, load.free_blocks, load.num_running)
+            return (load.num_running + load.num_waiting + self._pending_requests + self._unseen_requests,
+                    load.waiting_tokens + self._pending_tokens + self._unseen_tokens, load.free_blocks,
+                    load.num_running)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                        prompt: Optional[str] = None) -> AsyncIterator[RequestOutput]:
@@ -71,11 +75,12 @@ class AsyncLLMEngine:
         ValueError from validation is raised before anything is yielded. Closing the iterator
         early (a client that went away) aborts the request and frees its KV blocks.
         """
-        if not self.is_serving:
-            raise EngineDeadError(f"the engine is not serving: {self.error!r}")
         loop = asyncio.get_running_loop()
         out_q: asyncio.Queue = asyncio.Queue()
         with self._lock:
+            # Checked under the lock the loop sets `error` under, so no stream misses the news.
+            if not self.is_serving:
+                raise EngineDeadError(f"the engine is not serving: {self.error!r}")
             self._streams[request_id] = (loop, out_q)
             self._pending_requests += 1
             self._pending_tokens += len(prompt_token_ids)
@@ -118,16 +123,20 @@ class AsyncLLMEngine:
     def _handle(self, msg: tuple) -> None:
         kind, rid, prompt, params = msg
         if kind == "add":
+            n = len(prompt["prompt_token_ids"])
             with self._lock:
                 self._pending_requests -= 1
-                self._pending_tokens -= len(prompt["prompt_token_ids"])
+                self._pending_tokens -= n
                 alive = rid in self._streams
+                if alive:
+                    self._unseen_requests += 1
+                    self._unseen_tokens += n
             if not alive:  # the client left before its request reached the engine
                 return
             try:
                 self.engine.add_request(prompt, params, request_id=rid)
-            except ValueError as e:
-                self._deliver(rid, e)
+            except Exception as e:  # noqa: BLE001 - a bad request must fail alone, not the loop
+                self._deliver(rid, e if isinstance(e, ValueError) else ValueError(f"request refused: {e}"))
         elif kind == "abort":
             self.engine.abort_request(rid)
 
@@ -152,8 +161,8 @@ class AsyncLLMEngine:
                     self.on_step(engine, stepped)
         except BaseException as e:  # noqa: BLE001 - any failure must reach every waiting stream
             logger.exception("engine loop failed")
-            self.error = e
             with self._lock:
+                self.error = e
                 rids = list(self._streams)
             for rid in rids:
                 self._deliver(rid, EngineDeadError(f"engine failed: {e!r}"))
@@ -167,6 +176,7 @@ class AsyncLLMEngine:
             free_blocks=self.engine.block_manager.num_free_blocks)
         with self._lock:
             self.load = snap
+            self._unseen_requests = self._unseen_tokens = 0
 
     def stats(self) -> EngineStats:
         return self.engine.get_stats()

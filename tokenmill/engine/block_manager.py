@@ -133,8 +133,8 @@ class BlockManager:
     def find_prefix(self, seq: Sequence) -> PrefixHit:
         """The longest cached prefix of seq, at whole blocks, leaving at least one token to compute."""
         hit = PrefixHit()
-        if seq.num_computed_tokens:
-            return hit
+        if seq.num_computed_tokens or (seq.index == 0 and seq.request.wants_prompt_logprobs):
+            return hit  # prompt logprobs need every prompt position computed, as in vLLM
         bs = self.block_size
         num_full = (seq.num_tokens - 1) // bs  # the last token must be computed to get logits
         parent_cid: Optional[int] = None
@@ -179,21 +179,27 @@ class BlockManager:
             self.stats.hits += hit.num_blocks() * self.block_size
             self.stats.recomputed_tokens += hit.num_blocks_seen_before * self.block_size
         if hit is not None and hit.num_blocks():
-            # Hold every device hit before taking any fresh block, so none of them is evicted.
+            # Hold every device hit and reserve every spilled one before taking any fresh block:
+            # taking one may evict (and spill) other blocks, which must not push a hit out.
+            reserved = {}
             for item in hit.items:
                 if isinstance(item, int):
                     self._hold(item)
+                else:
+                    reserved[item.cid] = self.spill.take(item)
             for item in hit.items:
                 if isinstance(item, int):
                     seq.block_table.append(item)
                     seq.block_cids.append(self.contents[item].cid)
                     continue
                 block = self._take_free_block()
-                self.pending_copies.append(("in", self.spill.take(item), block))
+                self.pending_copies.append(("in", reserved[item.cid], block))
                 self._register(block, item)
                 seq.block_table.append(block)
                 seq.block_cids.append(item.cid)
                 self.stats.swaps_in += 1
+            if reserved:  # the copies back are queued ahead of any later copy into these slots
+                self.spill.release(list(reserved.values()))
             seq.num_computed_tokens += hit.num_blocks() * self.block_size
         need = self.blocks_for_tokens(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
         for _ in range(max(0, need)):
@@ -212,8 +218,8 @@ class BlockManager:
             del self.cached[content.key]
             self.contents[block] = None
             self.stats.evictions += 1
-            if self.spill is not None:
-                spill_block = self.spill.put(content)
+            spill_block = self.spill.put(content) if self.spill is not None else None
+            if spill_block is not None:
                 self.pending_copies.append(("out", block, spill_block))
                 self.stats.swaps_out += 1
         self.ref_counts[block] = 1

@@ -70,9 +70,12 @@ class SpillTier:
         content = self.lru[block]
         return content if content.matches(token_ids, parent_cid) else None
 
-    def put(self, content: CachedContent) -> int:
-        """Find room for content (evicting the oldest spilled block if full); return its block."""
+    def put(self, content: CachedContent) -> Optional[int]:
+        """Find room for content (evicting the oldest spilled block if full); return its block.
+        None when every slot is reserved by copies back in flight: the content is then dropped."""
         if not self.free:
+            if not self.lru:
+                return None
             old_block, old = self.lru.popitem(last=False)
             del self.by_key[old.key]
             self.free.append(old_block)
@@ -90,8 +93,11 @@ class SpillTier:
             self.free.append(block)
 
     def take(self, content: CachedContent) -> int:
-        """Remove content (it is being copied back to the device); return the block it was in."""
+        """Remove content (it is being copied back to the device) and reserve its block: the slot
+        is not reused until `release`, after the copy back has been queued."""
         block = self.by_key.pop(content.key)
         del self.lru[block]
-        self.free.append(block)
         return block
+
+    def release(self, blocks: list[int]) -> None:
+        self.free.extend(blocks)

@@ -102,6 +102,8 @@ class LLMEngine:
             raise ValueError("the prompt is empty")
         if any(t < 0 or t >= vocab for t in ids):
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must lie in [0, {vocab})")
         max_len = self.scheduler_config.max_model_len
         if len(ids) >= max_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {max_len} "

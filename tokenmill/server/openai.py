@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from fastapi import Request
+from jinja2 import TemplateError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tokenmill.outputs import CompletionOutput, RequestOutput
@@ -55,6 +56,9 @@ class OpenAIServing:
         for ids in prompts:
             limit = self.admission.check_fits(ids, max_tokens, max_tokens_param)
             params = make_params(limit)
+            if any(t >= self.admission.vocab_size for t in params.stop_token_ids):
+                raise BadRequest(f"stop_token_ids must lie in [0, {self.admission.vocab_size})",
+                                 param="stop_token_ids")
             jobs.append(Job(f"cmpl-{uuid.uuid4().hex}", ids, params, choice))
             choice += params.n
         return jobs
@@ -73,7 +77,10 @@ class OpenAIServing:
         conversation = body.conversation()
         if not getattr(self.tokenizer, "chat_template", None):
             raise BadRequest("this model's tokenizer has no chat template", param="messages")
-        ids = list(self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True))
+        try:
+            ids = list(self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True))
+        except TemplateError as e:  # e.g. a template that insists roles alternate
+            raise BadRequest(f"the chat template refused these messages: {e}", param="messages") from e
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
