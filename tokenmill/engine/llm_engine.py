@@ -13,7 +13,7 @@ from tokenmill.engine.kv_tiers import SpillCostModel
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.engine.scheduler import Scheduler
-from tokenmill.engine.sequence import Request, Sequence
+from tokenmill.engine.sequence import Request
 from tokenmill.engine.stats import EngineStats
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams

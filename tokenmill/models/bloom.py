@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from tokenmill.layers.attention import PagedAttention
+from tokenmill.models.base import CausalLM
 
 
 def alibi_slopes(num_heads: int) -> list[float]:
@@ -63,12 +64,12 @@ class BloomBlock(nn.Module):
         return self.mlp.dense_4h_to_h(bloom_gelu(self.mlp.dense_h_to_4h(h))) + (h if self.post_ln_residual else x)
 
 
-class BloomForCausalLM(nn.Module):
-    packed_modules_mapping: dict = {}
+class BloomForCausalLM(CausalLM):
+    embedding_path = "transformer.word_embeddings"
     checkpoint_prefix = "transformer."  # the original bloom checkpoints store names without it
 
     def __init__(self, cfg: Any, dtype: torch.dtype) -> None:
-        super().__init__()
+        super().__init__(cfg, default_tie=True)
         self.transformer = nn.Module()
         t = self.transformer
         t.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -76,11 +77,6 @@ class BloomForCausalLM(nn.Module):
         t.h = nn.ModuleList(BloomBlock(cfg) for _ in range(cfg.n_layer))
         t.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", True))
-
-    def tie_weights(self) -> None:
-        if self.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.word_embeddings.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         t = self.transformer
@@ -88,6 +84,3 @@ class BloomForCausalLM(nn.Module):
         for block in t.h:
             x = block(positions, x)
         return t.ln_f(x)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from tokenmill.layers.attention import PagedAttention
+from tokenmill.models.base import CausalLM
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -44,13 +45,13 @@ class GPT2Block(nn.Module):
         return x + self.mlp.c_proj(gelu_new(self.mlp.c_fc(self.ln_2(x))))
 
 
-class GPT2LMHeadModel(nn.Module):
-    packed_modules_mapping: dict = {}
+class GPT2LMHeadModel(CausalLM):
+    embedding_path = "transformer.wte"
     # The causal-mask buffers old checkpoints carry are not weights.
     ignored_checkpoint_suffixes = (".attn.bias", ".attn.masked_bias")
 
     def __init__(self, cfg: Any, dtype: torch.dtype) -> None:
-        super().__init__()
+        super().__init__(cfg, default_tie=True)
         if cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"unsupported GPT-2 activation {cfg.activation_function!r}")
         self.transformer = nn.Module()
@@ -60,11 +61,6 @@ class GPT2LMHeadModel(nn.Module):
         t.h = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.n_layer))
         t.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", True))
-
-    def tie_weights(self) -> None:
-        if self.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.wte.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         t = self.transformer
@@ -72,6 +68,3 @@ class GPT2LMHeadModel(nn.Module):
         for block in t.h:
             x = block(positions, x)
         return t.ln_f(x)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)

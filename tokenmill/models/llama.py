@@ -16,6 +16,7 @@ from tokenmill.layers.attention import PagedAttention
 from tokenmill.layers.linear import MergedLinear
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
+from tokenmill.models.base import CausalLM
 
 
 def _rope_scaling(cfg: Any) -> Optional[dict[str, Any]]:
@@ -111,7 +112,7 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """Also MistralForCausalLM and Qwen2ForCausalLM (see the registry)."""
 
     packed_modules_mapping = {
@@ -119,8 +120,10 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
+    embedding_path = "model.embed_tokens"
+
     def __init__(self, cfg: Any, dtype: torch.dtype) -> None:
-        super().__init__()
+        super().__init__(cfg, default_tie=False)
         arch = (getattr(cfg, "architectures", None) or [""])[0]
         attention_bias = bool(getattr(cfg, "attention_bias", False))
         # Qwen2 always has q/k/v biases and no o_proj bias; Llama's attention_bias covers all four.
@@ -128,14 +131,6 @@ class LlamaForCausalLM(nn.Module):
         o_bias = False if arch == "Qwen2ForCausalLM" else attention_bias
         self.model = LlamaModel(cfg, dtype, qkv_bias, o_bias, bool(getattr(cfg, "mlp_bias", False)))
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
-
-    def tie_weights(self) -> None:
-        if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)

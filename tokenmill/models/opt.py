@@ -11,6 +11,7 @@ from torch import nn
 
 from tokenmill.layers.attention import PagedAttention
 from tokenmill.layers.linear import MergedLinear
+from tokenmill.models.base import CausalLM
 
 # OPT's learned position table starts at index 2 (a fairseq convention kept in the checkpoint).
 _POSITION_OFFSET = 2
@@ -44,11 +45,12 @@ class OPTDecoderLayer(nn.Module):
         return x if self.pre_ln else self.final_layer_norm(x)
 
 
-class OPTForCausalLM(nn.Module):
+class OPTForCausalLM(CausalLM):
+    embedding_path = "model.decoder.embed_tokens"
     packed_modules_mapping = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v")}
 
     def __init__(self, cfg: Any, dtype: torch.dtype) -> None:
-        super().__init__()
+        super().__init__(cfg, default_tie=True)
         if cfg.activation_function != "relu":
             raise ValueError(f"unsupported OPT activation {cfg.activation_function!r}")
         proj = cfg.word_embed_proj_dim
@@ -64,11 +66,6 @@ class OPTForCausalLM(nn.Module):
         self.model = nn.Module()
         self.model.decoder = d
         self.lm_head = nn.Linear(proj, cfg.vocab_size, bias=False)
-        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", True))
-
-    def tie_weights(self) -> None:
-        if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.decoder.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         d = self.model.decoder
@@ -81,6 +78,3 @@ class OPTForCausalLM(nn.Module):
         if d.final_layer_norm is not None:
             x = d.final_layer_norm(x)
         return d.project_out(x) if d.project_out is not None else x
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
