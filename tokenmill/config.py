@@ -133,3 +133,26 @@ class SchedulerConfig:
             self.max_num_batched_tokens = max(2048, self.max_model_len)
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split over processes: tensor_parallel_size ranks per pipeline stage."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # Seconds a rank waits on a peer inside a step (a collective or a stage's activations) before
+    # the engine fails with an error naming the problem: a dead or hung rank never hangs the engine.
+    distributed_timeout_seconds: float = 120.0
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.distributed_timeout_seconds > 0:
+            raise ValueError(f"distributed_timeout_seconds must be positive, got {self.distributed_timeout_seconds}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size

@@ -6,7 +6,7 @@ from typing import Any, Optional, Sequence, Union
 
 from tqdm import tqdm
 
-from tokenmill.config import CacheConfig, ModelConfig, SchedulerConfig
+from tokenmill.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from tokenmill.engine.llm_engine import LLMEngine, PromptType
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import SamplingParams
@@ -28,6 +28,9 @@ class LLM:
         seed: seed of the engine's generator for unseeded sampling.
         enable_prefix_caching: reuse cached KV of earlier prompts' prefixes (on by default).
         swap_space: bytes of the spill tier for evicted cached blocks (0: off).
+        tensor_parallel_size: ranks each layer is split over (one process each).
+        pipeline_parallel_size: stages the layers are split into (one process per rank each).
+        distributed_timeout_seconds: how long a rank waits on a peer before the engine fails.
     """
 
     def __init__(self, model: str, dtype: str = "auto", max_model_len: Optional[int] = None,
@@ -35,7 +38,9 @@ class LLM:
                  kv_cache_memory_bytes: Optional[int] = None, seed: int = 0, device: Optional[str] = None,
                  skip_tokenizer_init: bool = False, num_gpu_blocks_override: Optional[int] = None,
                  enable_prefix_caching: bool = True, swap_space: int = 0,
-                 spill_link_bandwidth: Optional[float] = None, spill_device_flops: Optional[float] = None) -> None:
+                 spill_link_bandwidth: Optional[float] = None, spill_device_flops: Optional[float] = None,
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                 distributed_timeout_seconds: float = 120.0) -> None:
         model_config = ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed,
                                    device=device, skip_tokenizer_init=skip_tokenizer_init)
         cache_config = CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
@@ -44,7 +49,14 @@ class LLM:
                                    spill_link_bandwidth=spill_link_bandwidth, spill_device_flops=spill_device_flops)
         scheduler_config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                            max_model_len=model_config.max_model_len)
-        self.llm_engine = LLMEngine(model_config, cache_config, scheduler_config)
+        parallel_config = ParallelConfig(tensor_parallel_size=tensor_parallel_size,
+                                         pipeline_parallel_size=pipeline_parallel_size,
+                                         distributed_timeout_seconds=distributed_timeout_seconds)
+        self.llm_engine = LLMEngine(model_config, cache_config, scheduler_config, parallel_config)
+
+    def shutdown(self) -> None:
+        """Stop the worker processes of a tensor/pipeline-parallel engine (also done at exit)."""
+        self.llm_engine.shutdown()
 
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer

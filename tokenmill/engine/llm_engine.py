@@ -7,7 +7,8 @@ import time
 import torch
 from typing import Any, Optional, Union
 
-from tokenmill.config import CacheConfig, ModelConfig, SchedulerConfig
+from tokenmill.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from tokenmill.distributed.parallel_state import get_parallel_state
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.kv_tiers import SpillCostModel
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
@@ -44,9 +45,19 @@ def _eos_token_ids(model_path: str, hf_config: Any, tokenizer: Any) -> set[int]:
 
 class LLMEngine:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
-                 scheduler_config: SchedulerConfig) -> None:
+                 scheduler_config: SchedulerConfig, parallel_config: Optional[ParallelConfig] = None) -> None:
         self.model_config = model_config
         self.scheduler_config = scheduler_config
+        self.parallel_config = parallel_config or ParallelConfig()
+        if get_parallel_state().world_size > 1:
+            raise ValueError("a tensor/pipeline-parallel engine is already running in this process; "
+                             "shut it down first (LLM.shutdown())")
+        self.executor = None
+        if self.parallel_config.world_size > 1:
+            from tokenmill.distributed.executor import MultiprocExecutor
+
+            # Under torchrun, ranks other than 0 become model workers here and never return.
+            self.executor = MultiprocExecutor(self.parallel_config, model_config, cache_config, scheduler_config)
         self.tokenizer = None
         if not model_config.skip_tokenizer_init:
             from transformers import AutoTokenizer
@@ -55,7 +66,11 @@ class LLMEngine:
                 self.tokenizer = AutoTokenizer.from_pretrained(model_config.model)
             except (OSError, ValueError) as e:
                 raise ValueError(f"cannot load the tokenizer from {model_config.model!r}: {e}") from e
-        self.model_runner = ModelRunner(model_config, cache_config, scheduler_config)
+        try:
+            self.model_runner = ModelRunner(model_config, cache_config, scheduler_config, self.executor)
+        except BaseException:
+            self.shutdown()
+            raise
         if self.tokenizer is not None:
             tok = self.tokenizer
             self.model_runner.token_text = lambda t: tok.decode([t])
@@ -131,6 +146,11 @@ class LLMEngine:
             req = self.requests.pop(rid, None)
             if req is not None:
                 self.scheduler.abort(req.seqs)
+
+    def shutdown(self) -> None:
+        """Stop the other ranks of a tensor/pipeline-parallel engine (a no-op with one process)."""
+        if self.executor is not None:
+            self.executor.shutdown()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -4,17 +4,18 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from tokenmill.config import CacheConfig, ModelConfig, SchedulerConfig
+from tokenmill.distributed.parallel_state import get_parallel_state
+from tokenmill.engine.model_input import ModelInput, StepInput, build_step, sampled_seqs, to_device
 from tokenmill.engine.scheduler import SampledToken, SchedulerOutput
-from tokenmill.engine.sequence import Sequence
 from tokenmill.engine.utilization import ModelCost, UtilizationMeter
-from tokenmill.layers.attention import (AttentionContext, DecodeGroup, PagedAttention, PrefillChunk,
-                                       set_attention_context)
+from tokenmill.layers.attention import PagedAttention, set_attention_context
 from tokenmill.layers.linear import use_column_major_weights
 from tokenmill.layers.sampler import Sampler
 from tokenmill.models.loader import load_model
@@ -28,9 +29,6 @@ _CUDA_MEMORY_FRACTION = 0.9
 _CUDA_ACTIVATION_RESERVE = 1 << 30
 # On CPU, share of the RAM available at start-up that the KV pool may take by default.
 _CPU_MEMORY_FRACTION = 0.25
-# Decodes are attended in groups of similar context length; a group is padded to its longest
-# context, so it is closed once that would waste more than this share of its gathered KV.
-_DECODE_GROUP_MAX_PADDING = 0.25
 
 
 def _available_ram() -> int:
@@ -38,9 +36,16 @@ def _available_ram() -> int:
 
 
 class ModelRunner:
+    """One per rank. `run` (every rank) computes a step's forward on this rank's slice of the
+    model; `execute` (rank 0) builds the step from the scheduler's output, has every rank run it
+    through the executor, and samples."""
+
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
-                 scheduler_config: SchedulerConfig) -> None:
+                 scheduler_config: SchedulerConfig, executor: Optional[Any] = None) -> None:
         self.model_config = model_config
+        self.executor = executor
+        self.hidden_size = model_config.hf_config.hidden_size
+        self.vocab_size = model_config.hf_config.vocab_size
         self.block_size = cache_config.block_size
         self.device = model_config.torch_device
         self.dtype = model_config.torch_dtype
@@ -56,8 +61,14 @@ class ModelRunner:
         if self.device.type == "cpu":
             use_column_major_weights(self.model)
         self.num_blocks = self._num_blocks(cache_config, scheduler_config)
-        self._allocate_kv_cache()
         self.num_spill_blocks = cache_config.swap_space // (self.kv_bytes_per_token * self.block_size)
+        ps = get_parallel_state()
+        if ps.world_size > 1:
+            # Rank 0's block manager hands out block ids for every rank: all pools get the smallest size.
+            sizes = torch.tensor([self.num_blocks, self.num_spill_blocks])
+            dist.all_reduce(sizes, op=dist.ReduceOp.MIN, group=ps.control_group)
+            self.num_blocks, self.num_spill_blocks = int(sizes[0]), int(sizes[1])
+        self._allocate_kv_cache()
         self.spill_cache = None
         if self.num_spill_blocks:
             # The slower tier: host memory (pinned, for fast copies) when the pool is on a GPU.
@@ -71,7 +82,7 @@ class ModelRunner:
 
     def _model_cost(self) -> ModelCost:
         head = getattr(self.model, "lm_head", None)
-        head_params = head.in_features * head.out_features if head is not None else 0
+        head_params = head.in_features * head.out_features if hasattr(head, "in_features") else 0
         linear_params = sum(m.in_features * m.out_features for m in self.model.modules()
                             if hasattr(m, "in_features") and hasattr(m, "out_features") and m is not head
                             and not any(isinstance(c, nn.Module) and hasattr(c, "in_features")
@@ -121,63 +132,24 @@ class ModelRunner:
                     self.block_size, self.num_blocks * self.block_size, self.kv_cache.numel()
                     * self.kv_cache.element_size() / 2**20)
 
-    def _slots(self, seq: Sequence, start: int, n: int) -> torch.Tensor:
-        pos = torch.arange(start, start + n)
-        table = torch.tensor(seq.block_table, dtype=torch.long)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
-
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, banned: dict[int, list[int]]) -> dict[int, SampledToken]:
-        """Run one step. Returns the sampled token of every sequence that finished its prompt/chunk."""
+        """Rank 0: run one step on every rank, then sample. Returns the sampled token of every
+        sequence that finished its prompt/chunk."""
         start_time = time.perf_counter()
-        self._copy_blocks(sched.block_copies)
-        # Decodes sorted by context length, so neighbours can share one padded attention call.
-        decodes = sorted(((s, n) for s, n in sched.scheduled if n == 1), key=lambda x: x[0].num_computed_tokens)
-        prefills = [(s, n) for s, n in sched.scheduled if n > 1]
-        ordered = decodes + prefills  # the attention layer expects the decode tokens first
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
-        for seq, n in decodes:
-            p = seq.num_computed_tokens
-            input_ids.append(seq.token_ids[p])
-        if decodes:
-            pos = torch.tensor([s.num_computed_tokens for s, _ in decodes], dtype=torch.long)
-            positions.append(pos)
-            slots.append(torch.tensor([s.block_table[p // bs] * bs + p % bs
-                                       for (s, _), p in zip(decodes, pos.tolist())], dtype=torch.long))
-        ctx = AttentionContext(slot_mapping=torch.empty(0), decodes=self._decode_groups(decodes))
-        start = len(decodes)
-        for seq, n in prefills:
-            c = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[c:c + n])
-            positions.append(torch.arange(c, c + n))
-            slots.append(self._slots(seq, c, n))
-            ctx.prefills.append(PrefillChunk(start, n, c + n, torch.tensor(seq.block_table, device=self.device)))
-            start += n
-        ctx.slot_mapping = torch.cat(slots).to(self.device)
-        ids_t = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos_t = torch.cat(positions).to(self.device)
-        set_attention_context(ctx)
-        try:
-            hidden = self.model(ids_t, pos_t)
-        finally:
-            set_attention_context(None)
-        # Token index (in the flat batch) of each chunk's last token.
-        ends, offset = [], 0
-        for seq, n in ordered:
-            offset += n
-            ends.append(offset - 1)
-        self._prompt_logprobs(ordered, hidden)
-        samplers = [(i, seq) for i, (seq, n) in enumerate(ordered) if seq.num_computed_tokens + n == seq.num_tokens]
-        chunks = [(seq.num_computed_tokens, n) for seq, n in ordered]
-        if not samplers:
+        step = build_step(sched.scheduled, sched.block_copies, self.block_size, get_parallel_state().pp_size)
+        all_logits = self.executor.execute(step, self.run) if self.executor is not None else self.run(step)
+        chunks = [(seq.num_computed_tokens, n) for seq, n in sched.scheduled]
+        rows: list[torch.Tensor] = []
+        for mb, logits in zip(step.micro_batches, all_logits):
+            self._prompt_logprobs(mb, logits)
+            if mb.sampled:
+                rows.append(logits[mb.sample_rows])
+        seqs = sampled_seqs(step)
+        if not seqs:
             self.meter.record(*self.cost.step(chunks, 0), time.perf_counter() - start_time)
             return {}
-        idx = torch.tensor([ends[i] for i, _ in samplers], device=self.device)
-        logits = self.model.compute_logits(hidden[idx])
-        seqs = [s for _, s in samplers]
+        logits = torch.cat(rows)
         out = self.sampler(logits, [s.params for s in seqs], [s.token_ids[:s.num_prompt_tokens] for s in seqs],
                            [s.output_token_ids for s in seqs], [s.generator for s in seqs],
                            [banned.get(s.seq_id, []) for s in seqs], self.generator)
@@ -191,8 +163,49 @@ class ModelRunner:
                     if tid not in top:
                         top[tid] = Logprob(float(out.top_logprobs[j, r]), r + 1, self._text(tid))
             result[seq.seq_id] = SampledToken(out.token_ids[j], out.logprobs[j], top)
-        self.meter.record(*self.cost.step(chunks, len(samplers)), time.perf_counter() - start_time)
+        self.meter.record(*self.cost.step(chunks, len(seqs)), time.perf_counter() - start_time)
         return result
+
+    @torch.inference_mode()
+    def run(self, step: StepInput) -> list[Optional[torch.Tensor]]:
+        """Every rank: the forward of each micro-batch. Returns, on rank 0, each micro-batch's
+        logits for its logits_rows (None where it has none)."""
+        self._copy_blocks(step.block_copies)
+        ps = get_parallel_state()
+        results: list[Optional[torch.Tensor]] = []
+        pending = []  # sends in flight, with the tensors they read
+        for mb in step.micro_batches:
+            mb = to_device(mb, self.device)
+            hidden_in = None
+            if not ps.is_first_stage:
+                hidden_in = torch.empty(mb.input_ids.shape[0], self.hidden_size, dtype=self.dtype, device=self.device)
+                dist.recv(hidden_in, src=ps.stage_rank(ps.pp_rank - 1))
+            set_attention_context(mb.attention)
+            try:
+                hidden = self.model(mb.input_ids, mb.positions, hidden_in)
+            finally:
+                set_attention_context(None)
+            if not ps.is_last_stage:
+                # Sent while the next micro-batch is computed: that is the pipeline's overlap.
+                hidden = hidden.contiguous()
+                pending.append((dist.isend(hidden, dst=ps.stage_rank(ps.pp_rank + 1)), hidden))
+                continue
+            logits = self.model.compute_logits(hidden[mb.logits_rows]) if len(mb.logits_rows) else None
+            if ps.rank == 0:
+                results.append(logits)
+            elif logits is not None and ps.tp_rank == 0:
+                logits = logits.contiguous()
+                pending.append((dist.isend(logits, dst=0), logits))
+        for work, _ in pending:
+            work.wait()
+        if ps.rank == 0 and not ps.is_last_stage:  # the last stage sends the logits back
+            for mb in step.micro_batches:
+                logits = None
+                if len(mb.logits_rows):
+                    logits = torch.empty(len(mb.logits_rows), self.vocab_size, dtype=self.dtype, device=self.device)
+                    dist.recv(logits, src=ps.stage_rank(ps.pp_size - 1, 0))
+                results.append(logits)
+        return results
 
     def _copy_blocks(self, copies: list[tuple[str, int, int]]) -> None:
         """Move blocks between the pool and the spill tier, in the order the block manager asked."""
@@ -204,52 +217,27 @@ class ModelRunner:
         if copies and self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # a spill block may be reused right after
 
-    def _decode_groups(self, decodes: list[tuple[Sequence, int]]) -> list[DecodeGroup]:
-        """Split the length-sorted decodes into groups whose padding stays under the threshold."""
-        groups, start = [], 0
-        while start < len(decodes):
-            end, total = start + 1, decodes[start][0].num_computed_tokens + 1
-            while end < len(decodes):
-                longest = decodes[end][0].num_computed_tokens + 1
-                new_total = total + longest
-                if longest * (end - start + 1) > new_total * (1 + _DECODE_GROUP_MAX_PADDING):
-                    break
-                end, total = end + 1, new_total
-            seqs = [s for s, _ in decodes[start:end]]
-            width = max(len(s.block_table) for s in seqs)
-            tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-            groups.append(DecodeGroup(start, torch.tensor(tables, dtype=torch.long, device=self.device),
-                                      torch.tensor([s.num_computed_tokens + 1 for s in seqs], device=self.device)))
-            start = end
-        return groups
-
     def _text(self, token_id: int) -> Optional[str]:
         return self.token_text(token_id) if self.token_text is not None else None
 
-    def _prompt_logprobs(self, ordered: list[tuple[Sequence, int]], hidden: torch.Tensor) -> None:
-        """Fill request.prompt_logprobs for the prompt positions computed in this step."""
-        offset = 0
-        for seq, n in ordered:
+    def _prompt_logprobs(self, mb: ModelInput, logits: Optional[torch.Tensor]) -> None:
+        """Fill request.prompt_logprobs for the prompt positions computed in this micro-batch."""
+        for seq, _ in mb.ordered:
+            if seq.seq_id not in mb.prompt_rows:
+                continue
             req = seq.request
-            c = seq.num_computed_tokens
-            if seq.index == 0 and req.wants_prompt_logprobs and n > 0:
-                # Hidden state at position p predicts prompt token p + 1.
-                first = len(req.prompt_logprobs) - 1  # first position not yet scored
-                last = min(c + n, seq.num_prompt_tokens - 1)  # positions [first, last)
-                if first >= c and last > first:
-                    h = hidden[offset + first - c: offset + last - c]
-                    lp = self.model.compute_logits(h).float().log_softmax(-1)
-                    targets = torch.tensor(req.prompt_token_ids[first + 1:last + 1], device=lp.device)
-                    chosen = lp.gather(-1, targets[:, None])[:, 0]
-                    ranks = (lp > chosen[:, None]).sum(-1) + 1
-                    k = req.params.prompt_logprobs
-                    top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
-                    for r in range(last - first):
-                        tid = int(targets[r])
-                        d = {tid: Logprob(float(chosen[r]), int(ranks[r]), self._text(tid))}
-                        for j in range(k):
-                            t = int(top_i[r, j])
-                            if t not in d:
-                                d[t] = Logprob(float(top_v[r, j]), j + 1, self._text(t))
-                        req.prompt_logprobs.append(d)
-            offset += n
+            row, first, last = mb.prompt_rows[seq.seq_id]
+            lp = logits[row:row + last - first].float().log_softmax(-1)
+            targets = torch.tensor(req.prompt_token_ids[first + 1:last + 1], device=lp.device)
+            chosen = lp.gather(-1, targets[:, None])[:, 0]
+            ranks = (lp > chosen[:, None]).sum(-1) + 1
+            k = req.params.prompt_logprobs
+            top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
+            for r in range(last - first):
+                tid = int(targets[r])
+                d = {tid: Logprob(float(chosen[r]), int(ranks[r]), self._text(tid))}
+                for j in range(k):
+                    t = int(top_i[r, j])
+                    if t not in d:
+                        d[t] = Logprob(float(top_v[r, j]), j + 1, self._text(t))
+                req.prompt_logprobs.append(d)

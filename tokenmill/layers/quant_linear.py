@@ -93,7 +93,7 @@ class GPTQMergedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([m(x) for m in self.shards.values()], dim=-1)
 
-    def load_shard(self, leaf: str, loaded: torch.Tensor, shard_id: Union[str, int]) -> None:
+    def load_shard(self, leaf: str, loaded: torch.Tensor, shard_id: Union[str, int], presharded: bool = False) -> None:
         target: Optional[torch.Tensor] = getattr(self.shards[str(shard_id)], leaf, None)
         if target is None:
             raise ValueError(f"quantized shard {shard_id!r} has no tensor {leaf!r}")

@@ -8,7 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenmill.distributed.parallel_state import get_parallel_state, local_heads
 from tokenmill.layers.attention import PagedAttention
+from tokenmill.layers.linear import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from tokenmill.models.base import CausalLM
 
 
@@ -31,12 +33,15 @@ def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
 class BloomAttention(nn.Module):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
-        self.num_heads = cfg.n_head
-        self.head_dim = cfg.hidden_size // self.num_heads
-        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        heads = cfg.n_head
+        self.head_dim = cfg.hidden_size // heads
+        self.num_heads, _ = local_heads(heads, heads)
+        # The fused layout is per head, so a rank's heads are one contiguous block of rows.
+        self.query_key_value = ColumnParallelLinear(cfg.hidden_size, {None: (heads, 3 * self.head_dim)}, bias=True)
+        self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, bias=True)
+        first = get_parallel_state().tp_rank * self.num_heads
         self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim, self.head_dim ** -0.5,
-                                   alibi_slopes=alibi_slopes(self.num_heads))
+                                   alibi_slopes=alibi_slopes(heads)[first:first + self.num_heads])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
@@ -53,8 +58,8 @@ class BloomBlock(nn.Module):
         self.self_attention = BloomAttention(cfg)
         self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=eps)
         self.mlp = nn.Module()
-        self.mlp.dense_h_to_4h = nn.Linear(cfg.hidden_size, 4 * cfg.hidden_size)
-        self.mlp.dense_4h_to_h = nn.Linear(4 * cfg.hidden_size, cfg.hidden_size)
+        self.mlp.dense_h_to_4h = ColumnParallelLinear(cfg.hidden_size, 4 * cfg.hidden_size, bias=True)
+        self.mlp.dense_4h_to_h = RowParallelLinear(4 * cfg.hidden_size, cfg.hidden_size, bias=True)
         self.post_ln_residual = bool(cfg.apply_residual_connection_post_layernorm)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -67,20 +72,23 @@ class BloomBlock(nn.Module):
 class BloomForCausalLM(CausalLM):
     embedding_path = "transformer.word_embeddings"
     checkpoint_prefix = "transformer."  # the original bloom checkpoints store names without it
+    layers_path = "transformer.h"
+    first_stage_modules = ("transformer.word_embeddings_layernorm",)
+    last_stage_modules = ("transformer.ln_f",)
 
     def __init__(self, cfg: Any, dtype: torch.dtype) -> None:
         super().__init__(cfg, default_tie=True)
         self.transformer = nn.Module()
         t = self.transformer
-        t.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        t.word_embeddings = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         t.word_embeddings_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
         t.h = nn.ModuleList(BloomBlock(cfg) for _ in range(cfg.n_layer))
         t.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_epsilon)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         t = self.transformer
-        x = t.word_embeddings_layernorm(t.word_embeddings(input_ids))
-        for block in t.h:
-            x = block(positions, x)
-        return t.ln_f(x)
+        return t.word_embeddings_layernorm(t.word_embeddings(input_ids))
+
+    def final(self, x: torch.Tensor) -> torch.Tensor:
+        return self.transformer.ln_f(x)

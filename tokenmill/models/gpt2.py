@@ -8,7 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from tokenmill.distributed.parallel_state import local_heads
 from tokenmill.layers.attention import PagedAttention
+from tokenmill.layers.linear import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from tokenmill.models.base import CausalLM
 
 
@@ -16,28 +18,26 @@ def gelu_new(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
-class Conv1D(nn.Linear):
-    """A Linear whose checkpoint weight is (in, out); the loader transposes it."""
-
-    checkpoint_transposed = True
-
-
 class GPT2Block(nn.Module):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
         h, heads = cfg.n_embd, cfg.n_head
-        self.hidden, self.head_dim = h, h // heads
+        self.head_dim = h // heads
+        local, _ = local_heads(heads, heads)
+        self.hidden = local * self.head_dim  # this rank's share of q (and of k, v)
         inner = cfg.n_inner or 4 * h
         self.ln_1 = nn.LayerNorm(h, eps=cfg.layer_norm_epsilon)
+        # Conv1D weights are stored (in, out) in the checkpoint: the loader transposes them.
         self.attn = nn.Module()
-        self.attn.c_attn = Conv1D(h, 3 * h)
-        self.attn.c_proj = Conv1D(h, h)
-        self.attn.attn = PagedAttention(heads, heads, self.head_dim, self.head_dim ** -0.5
+        parts = {p: (heads, self.head_dim) for p in ("q", "k", "v")}  # one tensor, [q | k | v]
+        self.attn.c_attn = ColumnParallelLinear(h, parts, bias=True, checkpoint_transposed=True)
+        self.attn.c_proj = RowParallelLinear(h, h, bias=True, checkpoint_transposed=True)
+        self.attn.attn = PagedAttention(local, local, self.head_dim, self.head_dim ** -0.5
                                         if cfg.scale_attn_weights else 1.0)
         self.ln_2 = nn.LayerNorm(h, eps=cfg.layer_norm_epsilon)
         self.mlp = nn.Module()
-        self.mlp.c_fc = Conv1D(h, inner)
-        self.mlp.c_proj = Conv1D(inner, h)
+        self.mlp.c_fc = ColumnParallelLinear(h, inner, bias=True, checkpoint_transposed=True)
+        self.mlp.c_proj = RowParallelLinear(inner, h, bias=True, checkpoint_transposed=True)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.attn.c_attn(self.ln_1(x)).split(self.hidden, dim=-1)
@@ -47,6 +47,9 @@ class GPT2Block(nn.Module):
 
 class GPT2LMHeadModel(CausalLM):
     embedding_path = "transformer.wte"
+    layers_path = "transformer.h"
+    first_stage_modules = ("transformer.wpe",)
+    last_stage_modules = ("transformer.ln_f",)
     # The causal-mask buffers old checkpoints carry are not weights.
     ignored_checkpoint_suffixes = (".attn.bias", ".attn.masked_bias")
 
@@ -56,15 +59,14 @@ class GPT2LMHeadModel(CausalLM):
             raise ValueError(f"unsupported GPT-2 activation {cfg.activation_function!r}")
         self.transformer = nn.Module()
         t = self.transformer
-        t.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        t.wte = VocabParallelEmbedding(cfg.vocab_size, cfg.n_embd)
         t.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
         t.h = nn.ModuleList(GPT2Block(cfg) for _ in range(cfg.n_layer))
         t.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(cfg.n_embd, cfg.vocab_size)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        t = self.transformer
-        x = t.wte(input_ids) + t.wpe(positions)
-        for block in t.h:
-            x = block(positions, x)
-        return t.ln_f(x)
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.transformer.wte(input_ids) + self.transformer.wpe(positions)
+
+    def final(self, x: torch.Tensor) -> torch.Tensor:
+        return self.transformer.ln_f(x)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmill.layers.attention import PagedAttention
-from tokenmill.layers.linear import MergedLinear
+from tokenmill.distributed.parallel_state import local_heads
+from tokenmill.layers.linear import MergedLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from tokenmill.layers.norm import RMSNorm
 from tokenmill.layers.rotary import RotaryEmbedding
 from tokenmill.models.base import CausalLM
@@ -47,14 +48,16 @@ def _sliding_window(cfg: Any, layer_idx: int) -> Optional[int]:
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: Any, layer_idx: int, dtype: torch.dtype, qkv_bias: bool, o_bias: bool) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(cfg.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        hd = self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        # This rank's heads (all of them without tensor parallelism).
+        self.num_heads, self.num_kv_heads = local_heads(heads, kv_heads)
+        self.q_size = self.num_heads * hd
+        self.kv_size = self.num_kv_heads * hd
+        self.qkv_proj = MergedLinear(cfg.hidden_size, {"q": (heads, hd), "k": (kv_heads, hd), "v": (kv_heads, hd)},
                                      bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=o_bias)
+        self.o_proj = RowParallelLinear(heads * hd, cfg.hidden_size, bias=o_bias)
         self.rotary_emb = RotaryEmbedding(self.head_dim, cfg.max_position_embeddings, _rope_theta(cfg),
                                           _rope_scaling(cfg), dtype)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5,
@@ -74,9 +77,10 @@ class LlamaMLP(nn.Module):
         super().__init__()
         if getattr(cfg, "hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r} for this architecture (expected silu)")
-        self.inter = cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, {0: self.inter, 1: self.inter}, bias=bias)
-        self.down_proj = nn.Linear(self.inter, cfg.hidden_size, bias=bias)
+        inter = cfg.intermediate_size
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, {0: (inter, 1), 1: (inter, 1)}, bias=bias)
+        self.inter = self.gate_up_proj.out_features // 2  # this rank's share
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
@@ -100,16 +104,10 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: Any, dtype: torch.dtype, qkv_bias: bool, o_bias: bool, mlp_bias: bool) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, dtype, qkv_bias, o_bias, mlp_bias)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(positions, x)
-        return self.norm(x)
 
 
 class LlamaForCausalLM(CausalLM):
@@ -121,6 +119,8 @@ class LlamaForCausalLM(CausalLM):
     }
 
     embedding_path = "model.embed_tokens"
+    layers_path = "model.layers"
+    last_stage_modules = ("model.norm",)
 
     def __init__(self, cfg: Any, dtype: torch.dtype) -> None:
         super().__init__(cfg, default_tie=False)
@@ -130,7 +130,10 @@ class LlamaForCausalLM(CausalLM):
         qkv_bias = True if arch == "Qwen2ForCausalLM" else attention_bias
         o_bias = False if arch == "Qwen2ForCausalLM" else attention_bias
         self.model = LlamaModel(cfg, dtype, qkv_bias, o_bias, bool(getattr(cfg, "mlp_bias", False)))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def final(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(x)

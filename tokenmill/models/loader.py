@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import torch
@@ -21,9 +21,14 @@ from torch import nn
 from tqdm import tqdm
 
 from tokenmill.config import ModelConfig
+from tokenmill.distributed.parallel_state import get_parallel_state
+from tokenmill.models.base import MissingLayer
 from tokenmill.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
+
+# Written by `tokenmill convert` next to config.json: the folder holds one weights folder per rank.
+PRESHARDED_FILE = "tokenmill_parallel.json"
 
 
 @contextlib.contextmanager
@@ -96,35 +101,67 @@ def checkpoint_tensor_names(folder: str) -> set[str]:
     return names
 
 
-def iterate_weights(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_weights(folder: str, skip: Optional[Callable[[str], bool]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every checkpoint tensor; those `skip` names are not even read."""
     files = checkpoint_files(folder)
     for path in tqdm(files, desc="loading weights", unit="file", disable=len(files) < 2):
         if path.endswith(".safetensors"):
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    if skip is None or not skip(name):
+                        yield name, f.get_tensor(name)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            yield from state.items()
+            yield from ((k, v) for k, v in state.items() if skip is None or not skip(k))
 
 
-def load_model(config: ModelConfig) -> nn.Module:
+def presharded_layout(folder: str) -> Optional[dict[str, Any]]:
+    """The layout `tokenmill convert` wrote (tensor_parallel_size, dtype), or None for a plain checkpoint."""
+    path = os.path.join(folder, PRESHARDED_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def rank_weights_folder(folder: str) -> tuple[str, bool]:
+    """Where this rank reads its weights, and whether they are already cut to its slice."""
+    layout = presharded_layout(folder)
+    if layout is None:
+        return folder, False
+    ps = get_parallel_state()
+    if layout["tensor_parallel_size"] != ps.tp_size:
+        raise ValueError(f"{folder!r} was converted for tensor_parallel_size={layout['tensor_parallel_size']}, "
+                         f"the engine runs with {ps.tp_size}; convert it again or match the size")
+    return os.path.join(folder, f"rank_{ps.tp_rank}"), True
+
+
+def build_model(config: ModelConfig, weights_folder: Optional[str] = None) -> nn.Module:
+    """The model of this rank (its tensor-parallel slices, its pipeline stage), on meta."""
     hf = config.hf_config
     cls = get_model_class(getattr(hf, "architectures", None))
     with _default_dtype(config.torch_dtype), torch.device("meta"):
         model = cls(hf, config.torch_dtype)
+        model.split_stages()
         quant = getattr(hf, "quantization_config", None)
         if quant:
             from tokenmill.quantization.model import swap_in_quantized_layers
 
-            verify_shards(config.model)
-            swap_in_quantized_layers(model, quant, checkpoint_tensor_names(config.model))
+            folder = weights_folder or config.model
+            verify_shards(folder)
+            swap_in_quantized_layers(model, quant, checkpoint_tensor_names(folder))
+    return model
+
+
+def load_model(config: ModelConfig) -> nn.Module:
+    folder, presharded = rank_weights_folder(config.model)
+    model = build_model(config, folder)
     model = model.to_empty(device=config.torch_device)
     for module in model.modules():  # buffers computed at build time were lost on meta
         if hasattr(module, "init_buffers"):
             module.init_buffers(config.torch_device)
     model.tie_weights()
-    load_weights(model, iterate_weights(config.model))
+    load_weights(model, iterate_weights(folder, lambda name: locate(model, name) is None), presharded)
     return model.eval()
 
 
@@ -157,34 +194,56 @@ def expected_tensors(model: nn.Module) -> set[tuple[str, str, Any]]:
     return expected
 
 
-def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Copy checkpoint tensors into `model`, routing fused projections through `load_shard`."""
-    packed: dict[str, tuple[str, Any]] = getattr(model, "packed_modules_mapping", {})
+def _under_missing(model: nn.Module, path: str) -> bool:
+    module = model
+    for part in path.split("."):
+        if isinstance(module, MissingLayer):
+            return True
+        module = getattr(module, part, None) if not part.isdigit() else (
+            module[int(part)] if isinstance(module, nn.ModuleList) and int(part) < len(module) else None)
+        if module is None:
+            return False
+    return isinstance(module, MissingLayer)
+
+
+def locate(model: nn.Module, name: str) -> Optional[tuple[str, str, Any, nn.Module]]:
+    """Checkpoint tensor name -> (module path, leaf, shard id, module), or None when this rank does
+    not hold it (another pipeline stage's, an ignored buffer, a tied head). ValueError if unknown."""
+    ignored = ("rotary_emb.inv_freq",) + tuple(getattr(model, "ignored_checkpoint_suffixes", ()))
+    if name.endswith(ignored) or (getattr(model, "tie_word_embeddings", False) and name == "lm_head.weight"):
+        return None
+    path, leaf, shard = _route(model, name, getattr(model, "packed_modules_mapping", {}))
+    prefix = getattr(model, "checkpoint_prefix", "")
+    for candidate in (path, prefix + path) if prefix else (path,):
+        if _under_missing(model, candidate):
+            return None
+        try:
+            return candidate, leaf, shard, model.get_submodule(candidate)
+        except AttributeError:
+            continue  # checkpoints saved from the base model lack the wrapper's prefix
+    raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+
+
+def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]], presharded: bool = False) -> None:
+    """Copy checkpoint tensors into `model`: fused projections go through `load_shard`, layers split
+    over tensor-parallel ranks through `weight_loader`, which cuts this rank's slice (unless the
+    checkpoint was pre-sharded by `tokenmill convert`)."""
     tied = getattr(model, "tie_word_embeddings", False)
     expected = expected_tensors(model)
     if tied:
         expected = {e for e in expected if e[0] != "lm_head" or e[1] != "weight"}
     loaded: set[tuple[str, str, Any]] = set()
-    ignored = ("rotary_emb.inv_freq",) + tuple(getattr(model, "ignored_checkpoint_suffixes", ()))
-    prefix = getattr(model, "checkpoint_prefix", "")
     for name, tensor in weights:
-        if name.endswith(ignored) or (tied and name == "lm_head.weight"):
+        found = locate(model, name)
+        if found is None:
             continue
-        path, leaf, shard = _route(model, name, packed)
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            try:  # checkpoints saved from the base model lack the wrapper's prefix
-                path = prefix + path
-                module = model.get_submodule(path) if prefix else None
-            except AttributeError:
-                module = None
-            if module is None:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in the model") from None
-        if getattr(module, "checkpoint_transposed", False) and leaf == "weight":
+        path, leaf, shard, module = found
+        if getattr(module, "checkpoint_transposed", False) and leaf == "weight" and not presharded:
             tensor = tensor.t()
         if shard is not None:
-            module.load_shard(leaf, tensor, shard)
+            module.load_shard(leaf, tensor, shard, presharded)
+        elif hasattr(module, "weight_loader"):
+            module.weight_loader(leaf, tensor, None, presharded)
         else:
             target = getattr(module, leaf, None)
             if not isinstance(target, torch.Tensor):

@@ -1,0 +1,142 @@
+"""Rank 0's side of a multi-process model: start or join the other ranks, hand every step to them,
+and turn a dead or hung rank into a clear error.
+
+Two ways to get the ranks:
+- one machine, nothing set up: rank 0 (the engine) spawns tensor_parallel_size *
+  pipeline_parallel_size - 1 worker processes and they meet on a free local port;
+- torchrun (or anything that sets MASTER_ADDR / MASTER_PORT / WORLD_SIZE / RANK, across machines
+  too): every rank runs the same command; rank 0 becomes the engine and the others turn into model
+  workers inside the engine's constructor and exit when rank 0 shuts down.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from tokenmill.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from tokenmill.distributed.parallel_state import destroy_distributed, get_parallel_state, init_distributed
+from tokenmill.distributed.worker import worker_main
+
+logger = logging.getLogger(__name__)
+
+
+class DistributedError(RuntimeError):
+    """A rank died, hung, or failed: the engine cannot go on."""
+
+
+def torchrun_rank() -> Optional[tuple[int, int, int]]:
+    """(rank, world size, local rank) when launched by torchrun or a compatible launcher."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+class MultiprocExecutor:
+    def __init__(self, parallel: ParallelConfig, model_config: ModelConfig, cache_config: CacheConfig,
+                 scheduler_config: SchedulerConfig) -> None:
+        self.parallel = parallel
+        self.procs: list[subprocess.Popen] = []
+        self.failed: Optional[DistributedError] = None
+        world = parallel.world_size
+        tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+        backend = backend_for(model_config.torch_device)
+        launched = torchrun_rank()
+        if launched is not None:
+            rank, env_world, local_rank = launched
+            if env_world != world:
+                raise ValueError(f"WORLD_SIZE={env_world}, but tensor_parallel_size * pipeline_parallel_size = {world}")
+            if model_config.torch_device.type == "cuda":
+                model_config.torch_device = torch.device("cuda", local_rank)
+            if rank != 0:  # a model worker: serve rank 0's steps until it shuts down, then leave
+                worker_main(rank, tp, pp, "env://", backend, parallel.distributed_timeout_seconds,
+                            model_config, cache_config, scheduler_config, None)
+                raise SystemExit(0)
+            init_method = "env://"
+        else:
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
+            # Ranks share this machine's cores; oversubscribed threads would slow every rank down.
+            threads = max(1, (os.cpu_count() or 1) // world) if model_config.torch_device.type == "cpu" else None
+            for rank in range(1, world):
+                args = (rank, tp, pp, init_method, backend, parallel.distributed_timeout_seconds,
+                        model_config, cache_config, scheduler_config, threads)
+                p = subprocess.Popen([sys.executable, "-m", "tokenmill.distributed.worker"], stdin=subprocess.PIPE)
+                p.stdin.write(pickle.dumps(args))
+                p.stdin.close()
+                self.procs.append(p)
+            if threads:
+                torch.set_num_threads(threads)
+            if model_config.torch_device.type == "cuda":
+                model_config.torch_device = torch.device("cuda", 0)
+        try:
+            init_distributed(tp, pp, 0, init_method, backend, parallel.distributed_timeout_seconds)
+        except Exception as e:
+            self._terminate()
+            raise DistributedError(f"the {world} ranks could not meet at {init_method}: {e}") from e
+        atexit.register(self.shutdown)
+
+    def execute(self, step: Any, run: Callable[[Any], Any]) -> Any:
+        """Send the step to every rank, run rank 0's share, return rank 0's result."""
+        if self.failed is not None:
+            raise self.failed
+        try:
+            dist.broadcast_object_list([step.for_workers()], src=0, group=get_parallel_state().control_group)
+            return run(step)
+        except DistributedError:
+            raise
+        except RuntimeError as e:  # gloo/NCCL: a peer closed the connection, or a collective timed out
+            self.failed = DistributedError(self._diagnose(e))
+            self._terminate()
+            raise self.failed from e
+
+    def _diagnose(self, e: BaseException) -> str:
+        dead = [f"rank {i + 1} (exit code {p.poll()})" for i, p in enumerate(self.procs) if p.poll() is not None]
+        what = f"{', '.join(dead)} died" if dead else (
+            f"a rank did not answer within {self.parallel.distributed_timeout_seconds:g} s or closed its "
+            "connection (dead or hung)")
+        return (f"tensor/pipeline-parallel step failed: {what}; the engine cannot continue and must be "
+                f"restarted. Cause: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+    def _terminate(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+        for p in self.procs:
+            p.wait(timeout=5)
+
+    def shutdown(self) -> None:
+        """Tell the workers to stop (best effort) and leave the process group."""
+        if not dist.is_initialized():
+            return
+        if self.failed is None:
+            try:  # None is the workers' signal to stop
+                dist.broadcast_object_list([None], src=0, group=get_parallel_state().control_group)
+            except RuntimeError as e:
+                logger.warning("could not stop the workers cleanly: %s", e)
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                logger.warning("rank %s did not stop; killing it", p.args)
+        self._terminate()
+        destroy_distributed()
+        atexit.unregister(self.shutdown)
+

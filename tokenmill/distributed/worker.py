@@ -1,0 +1,48 @@
+"""A model worker: every rank but 0. It holds its slice of the model and its KV pool, and runs
+each step rank 0 sends it; it never schedules or samples."""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import sys
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from tokenmill.config import CacheConfig, ModelConfig, SchedulerConfig
+from tokenmill.distributed.parallel_state import destroy_distributed, init_distributed
+
+logger = logging.getLogger(__name__)
+
+
+def worker_main(rank: int, tp: int, pp: int, init_method: str, backend: str, timeout_s: float,
+                model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig,
+                num_threads: Optional[int]) -> None:
+    from tokenmill.engine.model_runner import ModelRunner  # the runner imports the executor side
+
+    logging.basicConfig(level=os.environ.get("TOKENMILL_LOG_LEVEL", "WARNING").upper(),
+                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    if model_config.torch_device.type == "cuda" and model_config.torch_device.index is None:
+        model_config.torch_device = torch.device("cuda", rank)
+    state = init_distributed(tp, pp, rank, init_method, backend, timeout_s)
+    runner = ModelRunner(model_config, cache_config, scheduler_config)
+    steps = 0
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=state.control_group)
+        if box[0] is None:
+            break
+        runner.run(box[0])
+        steps += 1
+    logger.info("rank %d stopping after %d steps", rank, steps)
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    # Started by rank 0 as `python -m tokenmill.distributed.worker` (not multiprocessing's spawn,
+    # which would re-run the user's script); the arguments come pickled on stdin.
+    worker_main(*pickle.load(sys.stdin.buffer))
