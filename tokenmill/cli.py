@@ -1,4 +1,4 @@
-"""The `tokenmill` command: serve | generate | quantize | eval ppl | bench (throughput, prefix)."""
+"""The `tokenmill` command: serve | generate | quantize | convert | eval | roofline | bench."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +28,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV cache of shared prefixes (default: on)")
     p.add_argument("--swap-space", type=float, default=0.0, help="GiB for the KV spill tier (default: 0, off)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="ranks each layer is split over, one process each (gloo on CPU, NCCL on CUDA)")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="pipeline stages the layers are split into")
+    p.add_argument("--distributed-timeout-seconds", type=float, default=120.0,
+                   help="seconds a rank waits on a peer before the engine fails (a dead or hung rank)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -50,7 +56,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                 seed=args.seed, device=args.device, enable_prefix_caching=args.enable_prefix_caching,
-                swap_space=int(args.swap_space * 2**30))
+                swap_space=int(args.swap_space * 2**30), tensor_parallel_size=args.tensor_parallel_size,
+                pipeline_parallel_size=args.pipeline_parallel_size,
+                distributed_timeout_seconds=args.distributed_timeout_seconds)
 
 
 def _sampling_params(args: argparse.Namespace):
@@ -152,6 +160,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from tokenmill.convert import convert_checkpoint
+
+    report = convert_checkpoint(args.model, args.out, args.tensor_parallel_size, args.dtype,
+                                max_shard_size=args.max_shard_size)
+    for rank, nbytes in enumerate(report.rank_bytes):
+        print(f"rank {rank}: {nbytes / 2**20:.1f} MiB in {args.out}/rank_{rank}")
+    print(f"{len(report.written)} tensors written for tensor_parallel_size={report.tensor_parallel_size} "
+          f"in {report.dtype}; serve with: tokenmill serve {args.out} --tensor-parallel-size "
+          f"{report.tensor_parallel_size}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from tokenmill.server.app import run_server
 
@@ -181,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="GPTQ / RTN quantization into the GPTQ v1 checkpoint format")
     add_quantize_args(q)
     q.set_defaults(func=cmd_quantize)
+
+    c = sub.add_parser("convert", help="pre-shard a checkpoint per tensor-parallel rank, cast to a dtype")
+    c.add_argument("model", help="checkpoint folder")
+    c.add_argument("out", help="output folder (config, tokenizer, rank_0 ... rank_{N-1})")
+    c.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    c.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                   help="dtype of the written weights (auto: the checkpoint's)")
+    c.add_argument("--max-shard-size", type=int, default=5 << 30, help="bytes per safetensors file")
+    c.set_defaults(func=cmd_convert)
 
     ev = sub.add_parser("eval", help="evaluations").add_subparsers(dest="eval", required=True)
     b = sub.add_parser("bench", help="benchmarks: tokenmill and its baseline, side by side")

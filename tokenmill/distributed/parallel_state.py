@@ -73,10 +73,11 @@ def init_distributed(tp_size: int, pp_size: int, rank: int, init_method: str, ba
                      timeout_s: float) -> ParallelState:
     """Join the process group and build the layout's groups; every rank calls this alike."""
     world = tp_size * pp_size
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout_s))
-    # new_group must be called by every rank for every group, in the same order.
-    tp_groups = [dist.new_group(list(range(s * tp_size, (s + 1) * tp_size))) for s in range(pp_size)]
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
+    # new_group must be called by every rank for every group, in the same order; a group does
+    # not inherit the default group's timeout.
+    tp_groups = [dist.new_group(list(range(s * tp_size, (s + 1) * tp_size)), timeout=timeout) for s in range(pp_size)]
     control = dist.new_group(list(range(world)), backend="gloo", timeout=_CONTROL_TIMEOUT)
     state = ParallelState(tp_size=tp_size, tp_rank=rank % tp_size, pp_size=pp_size, pp_rank=rank // tp_size,
                           tp_group=tp_groups[rank // tp_size] if tp_size > 1 else None, control_group=control)

@@ -13,25 +13,77 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.distributed.parallel_state import get_parallel_state, tp_all_reduce
+from tokenmill.layers.linear import ShardSpec, take_ranges
 from tokenmill.quantization.packing import dequantize_gptq, pack_rows, unpack_cols, unpack_rows
 
 
 class GPTQLinear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int) -> None:
+    """A GPTQ linear, possibly one tensor-parallel rank's slice of it (`spec`, from the float layer
+    it replaces): column slices cut the packed output columns; row slices cut the input rows on
+    group boundaries, or, with act-order (whose groups are scattered over the rows), keep every
+    group's scales and zeros and cut only qweight and g_idx."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int,
+                 spec: Optional[ShardSpec] = None, act_order: bool = False) -> None:
         super().__init__()
         if (in_features * bits) % 32 or (out_features * bits) % 32:
             raise ValueError(f"a {bits}-bit GPTQ layer needs in/out features whose bit count is a multiple of "
                              f"32; got {in_features} x {out_features}")
         self.in_features, self.out_features = in_features, out_features
         self.bits = bits
-        self.group_size = group_size if group_size != -1 else in_features
+        self.spec = spec if spec is not None and spec.kind in ("col", "row") else None
+        tp = get_parallel_state().tp_size
+        full_in = in_features * tp if self.spec is not None and self.spec.kind == "row" else in_features
+        self.group_size = group_size if group_size != -1 else full_in
         groups = math.ceil(in_features / self.group_size)
+        self.full_groups = False  # row slice keeping every group (act-order)
+        self.tp_size = tp if self.spec is not None and self.spec.kind == "row" else 1
+        if self.spec is not None:
+            per_word = 32 // bits
+            if self.spec.kind == "col" and any(s % per_word or n % per_word for s, n in self.spec.ranges[None]):
+                raise ValueError(f"GPTQ layer of {out_features} output features per rank: each rank's columns must "
+                                 f"start and end on a multiple of {per_word} (packed zeros)")
+            if self.spec.kind == "row":
+                if act_order or group_size == -1:  # groups scattered over (or spanning) the rows
+                    groups, self.full_groups = math.ceil(full_in / self.group_size), True
+                elif in_features % self.group_size:
+                    raise ValueError(f"GPTQ row-parallel layer: {in_features} input rows per rank is not a whole "
+                                     f"number of groups of {self.group_size}; tensor-parallel shards must fall on "
+                                     "group boundaries")
         self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32))
         self.register_buffer("qzeros", torch.zeros(groups, out_features * bits // 32, dtype=torch.int32))
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self._fast: Optional[dict[str, torch.Tensor]] = None  # built on first use, after loading
+
+    def shard_tensor(self, leaf: str, t: torch.Tensor, shard_id: object = None) -> torch.Tensor:
+        """This rank's slice of a full checkpoint tensor."""
+        if self.spec is None:
+            return t
+        ranges = self.spec.ranges[None]
+        if self.spec.kind == "col":
+            dims = {"qweight": (1, 1), "scales": (1, 1), "qzeros": (1, 32 // self.bits), "bias": (0, 1)}
+            return take_ranges(t, dims[leaf][0], ranges, dims[leaf][1]) if leaf in dims else t  # g_idx: all rows
+        if leaf == "qweight":
+            return take_ranges(t, 0, ranges, 32 // self.bits)
+        if leaf == "g_idx":
+            local = take_ranges(t, 0, ranges)
+            return local if self.full_groups else local - ranges[0][0] // self.group_size
+        if leaf in ("scales", "qzeros") and not self.full_groups:
+            return take_ranges(t, 0, ranges, self.group_size)
+        return t  # bias (added once after the all-reduce), or every group's scales/zeros
+
+    def weight_loader(self, leaf: str, t: torch.Tensor, shard_id: object = None, presharded: bool = False) -> None:
+        target = getattr(self, leaf, None)
+        if not isinstance(target, torch.Tensor):
+            raise ValueError(f"GPTQ layer has no tensor {leaf!r}")
+        local = t if presharded else self.shard_tensor(leaf, t)
+        if target.shape != local.shape:
+            raise ValueError(f"GPTQ {leaf}: checkpoint slice has shape {tuple(local.shape)}, expected "
+                             f"{tuple(target.shape)}")
+        target.data.copy_(local)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
@@ -64,8 +116,10 @@ class GPTQLinear(nn.Module):
         if self._fast is None:
             self._fast = self._prepare_fast_path() or {}
         f = self._fast
+        bias = self.bias if self.tp_size == 1 else None  # a row slice adds it after the all-reduce
         if not f:
-            return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+            out = F.linear(x, self.dequantized_weight(x.dtype), bias)
+            return out if self.tp_size == 1 else self._reduce(out)
         K, N = self.in_features, self.out_features
         # An arithmetic shift then a mask narrower than the shift leaves exactly the packed bits.
         q = (f["qweight"] >> f["shifts"]) & ((1 << self.bits) - 1)  # (K / per_word, per_word, N)
@@ -73,6 +127,12 @@ class GPTQLinear(nn.Module):
         if "perm" in f:
             x = x.index_select(-1, f["perm"])
         out = torch.matmul(x, w.to(x.dtype))
+        if self.tp_size > 1:
+            return self._reduce(out)
+        return out + self.bias if self.bias is not None else out
+
+    def _reduce(self, out: torch.Tensor) -> torch.Tensor:
+        out = tp_all_reduce(out)
         return out + self.bias if self.bias is not None else out
 
 
@@ -84,23 +144,24 @@ class GPTQMergedLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, shard_sizes: dict[Union[str, int], int], bias: bool, bits: int,
-                 group_size: int) -> None:
+                 group_size: int, specs: Optional[dict[Union[str, int], ShardSpec]] = None) -> None:
         super().__init__()
-        self.shards = nn.ModuleDict({str(k): GPTQLinear(in_features, n, bias, bits, group_size)
+        specs = specs or {}
+        self.shards = nn.ModuleDict({str(k): GPTQLinear(in_features, n, bias, bits, group_size, specs.get(k))
                                      for k, n in shard_sizes.items()})
         self.shard_names = [str(k) for k in shard_sizes]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([m(x) for m in self.shards.values()], dim=-1)
 
+    def shard_tensor(self, leaf: str, t: torch.Tensor, shard_id: Union[str, int]) -> torch.Tensor:
+        return self.shards[str(shard_id)].shard_tensor(leaf, t)
+
     def load_shard(self, leaf: str, loaded: torch.Tensor, shard_id: Union[str, int], presharded: bool = False) -> None:
-        target: Optional[torch.Tensor] = getattr(self.shards[str(shard_id)], leaf, None)
-        if target is None:
-            raise ValueError(f"quantized shard {shard_id!r} has no tensor {leaf!r}")
-        if target.shape != loaded.shape:
-            raise ValueError(f"shard {shard_id!r} {leaf}: checkpoint shape {tuple(loaded.shape)}, "
-                             f"expected {tuple(target.shape)}")
-        target.data.copy_(loaded)
+        try:
+            self.shards[str(shard_id)].weight_loader(leaf, loaded, None, presharded)
+        except ValueError as e:
+            raise ValueError(f"quantized shard {shard_id!r}: {e}") from None
 
     def checkpoint_leaves(self) -> list[str]:
         first = next(iter(self.shards.values()))

@@ -6,7 +6,8 @@ from typing import Any
 
 from torch import nn
 
-from tokenmill.layers.linear import MergedLinear
+from tokenmill.distributed.parallel_state import get_parallel_state
+from tokenmill.layers.linear import MergedLinear, ShardSpec
 from tokenmill.layers.quant_linear import GPTQLinear, GPTQMergedLinear
 from tokenmill.quantization.config import QuantizeConfig
 
@@ -46,11 +47,17 @@ def swap_in_quantized_layers(model: nn.Module, quant: Any, tensor_names: set[str
         if any((v["bits"], v["group_size"]) != (first["bits"], first["group_size"]) for v in settings.values()):
             raise ValueError(f"{path}: fused projections quantized with different bits/group sizes")
         has_bias = module.bias is not None
+        spec = getattr(module, "spec", None)  # this rank's tensor-parallel slice
+        if spec is not None and spec.kind == "vocab" and get_parallel_state().tp_size > 1:
+            raise ValueError(f"{path}: a GPTQ output head cannot be split over tensor-parallel ranks")
         if isinstance(module, MergedLinear):
             sizes = {s: size for s, (_, size) in module.shard_offsets.items()}
-            new: nn.Module = GPTQMergedLinear(module.in_features, sizes, has_bias, first["bits"], first["group_size"])
+            specs = {s: ShardSpec("col", {None: spec.ranges[s]}) for s in sizes}
+            new: nn.Module = GPTQMergedLinear(module.in_features, sizes, has_bias, first["bits"], first["group_size"],
+                                              specs)
         else:
-            new = GPTQLinear(module.in_features, module.out_features, has_bias, first["bits"], first["group_size"])
+            new = GPTQLinear(module.in_features, module.out_features, has_bias, first["bits"], first["group_size"],
+                             spec, act_order=bool(first.get("desc_act")))
         setattr(model.get_submodule(parent_path) if parent_path else model, attr, new)
         swaps += 1
     if path_is_tied_head(model):
