@@ -222,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         (sub, "roofline", "roofline", "roofline of a model on a device: intensity, bounds, memory"),
         (bench, "throughput", "throughput", "offline throughput vs transformers' generate"),
         (bench, "prefix", "prefix", "multi-turn chat: prefix cache off / on / under pressure / spill"),
+        (bench, "parallel", "parallel", "tokens/s of tensor/pipeline-parallel layouts against one process"),
     ):
         mod = importlib.import_module(f"tokenmill.bench.{module}")
         cmd = group.add_parser(name, help=help_text)

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from tokenmill.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from tokenmill.distributed.parallel_state import destroy_distributed, get_parallel_state, init_distributed
+from tokenmill.distributed.parallel_state import (ParallelState, destroy_distributed, get_parallel_state,
+                                                  init_distributed, set_parallel_state)
 from tokenmill.distributed.worker import worker_main
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,20 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def check_layout(parallel: ParallelConfig, model_config: ModelConfig) -> None:
+    """Build every rank's model on meta before any process starts: a layout that does not fit
+    (heads, KV heads, layers, GPTQ group boundaries) is a ValueError here, not a crashed worker."""
+    from tokenmill.models.loader import build_model, rank_weights_folder
+
+    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    try:
+        for rank in range(tp * pp):
+            set_parallel_state(ParallelState(tp_size=tp, tp_rank=rank % tp, pp_size=pp, pp_rank=rank // tp))
+            build_model(model_config, rank_weights_folder(model_config.model)[0], verify=False)
+    finally:
+        set_parallel_state(ParallelState())
+
+
 class MultiprocExecutor:
     def __init__(self, parallel: ParallelConfig, model_config: ModelConfig, cache_config: CacheConfig,
                  scheduler_config: SchedulerConfig) -> None:
@@ -59,6 +74,7 @@ class MultiprocExecutor:
         world = parallel.world_size
         tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
         backend = backend_for(model_config.torch_device)
+        check_layout(parallel, model_config)
         launched = torchrun_rank()
         if launched is not None:
             rank, env_world, local_rank = launched

@@ -32,8 +32,11 @@ class GPTQLinear(nn.Module):
                              f"32; got {in_features} x {out_features}")
         self.in_features, self.out_features = in_features, out_features
         self.bits = bits
-        self.spec = spec if spec is not None and spec.kind in ("col", "row") else None
         tp = get_parallel_state().tp_size
+        self.spec = spec if spec is not None and spec.kind in ("col", "row") and tp > 1 else None
+        if self.spec is not None and bits == 3:
+            raise ValueError("3-bit GPTQ packs 32 values across 3 words and cannot be split over tensor-parallel "
+                             "ranks; use 2, 4 or 8 bits")
         full_in = in_features * tp if self.spec is not None and self.spec.kind == "row" else in_features
         self.group_size = group_size if group_size != -1 else full_in
         groups = math.ceil(in_features / self.group_size)

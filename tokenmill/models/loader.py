@@ -136,8 +136,10 @@ def rank_weights_folder(folder: str) -> tuple[str, bool]:
     return os.path.join(folder, f"rank_{ps.tp_rank}"), True
 
 
-def build_model(config: ModelConfig, weights_folder: Optional[str] = None) -> nn.Module:
-    """The model of this rank (its tensor-parallel slices, its pipeline stage), on meta."""
+def build_model(config: ModelConfig, weights_folder: Optional[str] = None, verify: bool = True) -> nn.Module:
+    """The model of this rank (its tensor-parallel slices, its pipeline stage), on meta.
+
+    Raises ValueError when the layout does not fit the model (heads, layers, GPTQ groups)."""
     hf = config.hf_config
     cls = get_model_class(getattr(hf, "architectures", None))
     with _default_dtype(config.torch_dtype), torch.device("meta"):
@@ -148,7 +150,8 @@ def build_model(config: ModelConfig, weights_folder: Optional[str] = None) -> nn
             from tokenmill.quantization.model import swap_in_quantized_layers
 
             folder = weights_folder or config.model
-            verify_shards(folder)
+            if verify:
+                verify_shards(folder)
             swap_in_quantized_layers(model, quant, checkpoint_tensor_names(folder))
     return model
 
