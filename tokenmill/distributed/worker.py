@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
 import sys
 from typing import Optional
 
@@ -24,6 +25,8 @@ def worker_main(rank: int, tp: int, pp: int, init_method: str, backend: str, tim
 
     logging.basicConfig(level=os.environ.get("TOKENMILL_LOG_LEVEL", "WARNING").upper(),
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    # Ctrl-C reaches the whole process group; rank 0 decides when the workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if num_threads:
         torch.set_num_threads(num_threads)
     if model_config.torch_device.type == "cuda" and model_config.torch_device.index is None:
