@@ -103,7 +103,8 @@ class MultiprocExecutor:
             if model_config.torch_device.type == "cuda":
                 model_config.torch_device = torch.device("cuda", 0)
         try:
-            init_distributed(tp, pp, 0, init_method, backend, parallel.distributed_timeout_seconds)
+            init_distributed(tp, pp, 0, init_method, backend, parallel.distributed_timeout_seconds,
+                             model_config.torch_device)
         except Exception as e:
             self._terminate()
             raise DistributedError(f"the {world} ranks could not meet at {init_method}: {e}") from e

@@ -70,9 +70,11 @@ def set_parallel_state(state: ParallelState) -> None:
 
 
 def init_distributed(tp_size: int, pp_size: int, rank: int, init_method: str, backend: str,
-                     timeout_s: float) -> ParallelState:
+                     timeout_s: float, device: Optional[torch.device] = None) -> ParallelState:
     """Join the process group and build the layout's groups; every rank calls this alike."""
     world = tp_size * pp_size
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL builds its communicators on the current device
     timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
     # new_group must be called by every rank for every group, in the same order; a group does

@@ -31,7 +31,7 @@ def worker_main(rank: int, tp: int, pp: int, init_method: str, backend: str, tim
         torch.set_num_threads(num_threads)
     if model_config.torch_device.type == "cuda" and model_config.torch_device.index is None:
         model_config.torch_device = torch.device("cuda", rank)
-    state = init_distributed(tp, pp, rank, init_method, backend, timeout_s)
+    state = init_distributed(tp, pp, rank, init_method, backend, timeout_s, model_config.torch_device)
     runner = ModelRunner(model_config, cache_config, scheduler_config)
     steps = 0
     while True:
