@@ -21,6 +21,7 @@ from tests.conftest import hf_greedy, hf_prompt_logprobs, random_prompts
 from tokenmill import LLM, SamplingParams
 from tokenmill.convert import convert_checkpoint
 from tokenmill.distributed.executor import DistributedError
+from tokenmill.distributed.parallel_state import get_parallel_state
 
 LENGTHS = [1, 7, 17, 40, 90]
 NEW_TOKENS = 8
@@ -51,9 +52,11 @@ def check_against_transformers(llm: LLM, hf, prompts: list[list[int]]) -> None:
     assert bm.num_free_blocks == bm.num_blocks
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_parallel_layouts_match_transformers(make_checkpoint, case):
-    arch, overrides, tp, pp = CASES[case]
+@pytest.mark.parametrize("case", list(CASES) + ["llama-tp2-gloo-allreduce"])
+def test_parallel_layouts_match_transformers(make_checkpoint, monkeypatch, case):
+    if case.endswith("gloo-allreduce"):  # the shared-memory all-reduce off: gloo's own
+        monkeypatch.setenv("TOKENMILL_SHM_ALLREDUCE", "0")
+    arch, overrides, tp, pp = CASES[case.replace("-gloo-allreduce", "")]
     path, hf = make_checkpoint(arch, **overrides)
     # A small budget so long prompts prefill in chunks across steps, mixed with decodes.
     llm = LLM(path, dtype="float32", tensor_parallel_size=tp, pipeline_parallel_size=pp, max_num_batched_tokens=48,
@@ -62,6 +65,8 @@ def test_parallel_layouts_match_transformers(make_checkpoint, case):
         # Rank 0 really holds only its share of the weights.
         held = sum(p.numel() for p in llm.llm_engine.model_runner.model.parameters())
         assert held < 0.8 * sum(p.numel() for p in hf.parameters())
+        # Local tensor-parallel ranks sum through shared memory unless told not to.
+        assert (get_parallel_state().shm is not None) == (tp > 1 and not case.endswith("gloo-allreduce"))
         check_against_transformers(llm, hf, random_prompts(LENGTHS, seed=len(case)))
     finally:
         llm.shutdown()

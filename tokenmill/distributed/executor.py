@@ -104,7 +104,7 @@ class MultiprocExecutor:
                 model_config.torch_device = torch.device("cuda", 0)
         try:
             init_distributed(tp, pp, 0, init_method, backend, parallel.distributed_timeout_seconds,
-                             model_config.torch_device)
+                             model_config.torch_device, self._dead_worker)
         except Exception as e:
             self._terminate()
             raise DistributedError(f"the {world} ranks could not meet at {init_method}: {e}") from e
@@ -123,6 +123,12 @@ class MultiprocExecutor:
             self.failed = DistributedError(self._diagnose(e))
             self._terminate()
             raise self.failed from e
+
+    def _dead_worker(self) -> Optional[str]:
+        for i, p in enumerate(self.procs):
+            if p.poll() is not None:
+                return f"rank {i + 1} exited with code {p.returncode}"
+        return None
 
     def _diagnose(self, e: BaseException) -> str:
         dead = [f"rank {i + 1} (exit code {p.poll()})" for i, p in enumerate(self.procs) if p.poll() is not None]

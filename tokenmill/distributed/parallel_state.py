@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -35,6 +38,7 @@ class ParallelState:
     pp_rank: int = 0
     tp_group: Any = None  # this stage's tensor-parallel group (None when tp_size == 1)
     control_group: Any = None  # gloo group of all ranks, for step inputs
+    shm: Any = None  # ShmAllReduce over tp_group when its ranks share one machine's CPUs
 
     @property
     def rank(self) -> int:
@@ -70,7 +74,8 @@ def set_parallel_state(state: ParallelState) -> None:
 
 
 def init_distributed(tp_size: int, pp_size: int, rank: int, init_method: str, backend: str,
-                     timeout_s: float, device: Optional[torch.device] = None) -> ParallelState:
+                     timeout_s: float, device: Optional[torch.device] = None,
+                     alive: Optional[Callable[[], Optional[str]]] = None) -> ParallelState:
     """Join the process group and build the layout's groups; every rank calls this alike."""
     world = tp_size * pp_size
     if device is not None and device.type == "cuda":
@@ -83,6 +88,13 @@ def init_distributed(tp_size: int, pp_size: int, rank: int, init_method: str, ba
     control = dist.new_group(list(range(world)), backend="gloo", timeout=_CONTROL_TIMEOUT)
     state = ParallelState(tp_size=tp_size, tp_rank=rank % tp_size, pp_size=pp_size, pp_rank=rank // tp_size,
                           tp_group=tp_groups[rank // tp_size] if tp_size > 1 else None, control_group=control)
+    if backend == "gloo" and tp_size > 1 and os.environ.get("TOKENMILL_SHM_ALLREDUCE", "1") != "0":
+        hosts: list[Any] = [None] * tp_size
+        dist.all_gather_object(hosts, socket.gethostname(), group=state.tp_group)
+        if len(set(hosts)) == 1:
+            from tokenmill.distributed.shm_allreduce import ShmAllReduce
+
+            state.shm = ShmAllReduce(state.tp_group, state.tp_rank, tp_size, timeout_s, alive)
     set_parallel_state(state)
     logger.info("rank %d of %d: tensor-parallel rank %d/%d, pipeline stage %d/%d (%s)", rank, world,
                 state.tp_rank, tp_size, state.pp_rank, pp_size, backend)
@@ -100,6 +112,8 @@ def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     s = _state
     if s.tp_size == 1:
         return x
+    if s.shm is not None:
+        return s.shm.all_reduce(x)
     dist.all_reduce(x, group=s.tp_group)
     return x
 

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 def worker_main(rank: int, tp: int, pp: int, init_method: str, backend: str, timeout_s: float,
                 model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig,
-                num_threads: Optional[int]) -> None:
+                num_threads: Optional[int], watch_parent: bool = False) -> None:
     from tokenmill.engine.model_runner import ModelRunner  # the runner imports the executor side
 
     logging.basicConfig(level=os.environ.get("TOKENMILL_LOG_LEVEL", "WARNING").upper(),
@@ -31,7 +31,12 @@ def worker_main(rank: int, tp: int, pp: int, init_method: str, backend: str, tim
         torch.set_num_threads(num_threads)
     if model_config.torch_device.type == "cuda" and model_config.torch_device.index is None:
         model_config.torch_device = torch.device("cuda", rank)
-    state = init_distributed(tp, pp, rank, init_method, backend, timeout_s, model_config.torch_device)
+    parent = os.getppid()
+
+    def alive() -> Optional[str]:  # a worker started by rank 0 outlives it only by mistake
+        return "rank 0 (the engine) exited" if watch_parent and os.getppid() != parent else None
+
+    state = init_distributed(tp, pp, rank, init_method, backend, timeout_s, model_config.torch_device, alive)
     runner = ModelRunner(model_config, cache_config, scheduler_config)
     steps = 0
     while True:
@@ -48,4 +53,4 @@ def worker_main(rank: int, tp: int, pp: int, init_method: str, backend: str, tim
 if __name__ == "__main__":
     # Started by rank 0 as `python -m tokenmill.distributed.worker` (not multiprocessing's spawn,
     # which would re-run the user's script); the arguments come pickled on stdin.
-    worker_main(*pickle.load(sys.stdin.buffer))
+    worker_main(*pickle.load(sys.stdin.buffer), watch_parent=True)
