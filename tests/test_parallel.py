@@ -97,6 +97,31 @@ def test_layout_errors_are_refused_before_any_process_starts(make_checkpoint):
         LLM(path, tensor_parallel_size=0)
 
 
+def test_failures_after_the_workers_started_leave_nothing_behind(make_checkpoint, tmp_path):
+    """Errors raised once the workers run (on rank 0 alone, or on every rank) end in a ValueError
+    within seconds, and every worker process is gone."""
+    import shutil
+    import subprocess
+
+    path, _ = make_checkpoint("LlamaForCausalLM", num_hidden_layers=3)
+    no_tokenizer = tmp_path / "no-tok"
+    no_tokenizer.mkdir()
+    for f in Path(path).iterdir():
+        if f.name.startswith(("config", "model", "generation")):
+            shutil.copy(f, no_tokenizer / f.name)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="cannot load the tokenizer"):  # fails on rank 0 only
+        LLM(str(no_tokenizer), tensor_parallel_size=2)
+    # Stage 0 holds 2 layers, stage 1 one: the budget fits a block on stage 1 only.
+    per_layer_block = 2 * 2 * 16 * 16 * 4  # K and V, 2 KV heads of 16, 16 tokens, float32
+    with pytest.raises(ValueError, match="KV cache budget holds no block"):
+        LLM(path, dtype="float32", pipeline_parallel_size=2, kv_cache_memory_bytes=int(1.5 * per_layer_block))
+    assert time.monotonic() - start < 60
+    left = subprocess.run(["pgrep", "-f", "tokenmill.distributed.worker"], capture_output=True, text=True).stdout
+    assert not left.strip()
+    LLM(path, tensor_parallel_size=2).shutdown()  # and the process can start a new engine
+
+
 @pytest.mark.parametrize("arch,overrides", [("LlamaForCausalLM", dict(tie_word_embeddings=False)),
                                             ("BloomForCausalLM", dict())])
 def test_converted_checkpoint_equals_original(make_checkpoint, tmp_path, arch, overrides):
@@ -159,8 +184,10 @@ def test_dead_or_hung_rank_fails_with_a_clear_error(make_checkpoint, sig, timeou
         llm.shutdown()
 
 
-@pytest.mark.parametrize("desc_act", [False, True])
+@pytest.mark.parametrize("desc_act", [False, True, "sorted"])
 def test_gptq_checkpoint_splits_on_group_boundaries(make_checkpoint, tmp_path, desc_act):
+    """Row slices on group boundaries; act-order keeps every group (also when g_idx happens to be
+    sorted, as with static groups)."""
     from pydoc_data.topics import topics
 
     from tokenmill.quantization.config import QuantizeConfig
@@ -170,8 +197,12 @@ def test_gptq_checkpoint_splits_on_group_boundaries(make_checkpoint, tmp_path, d
     calib.write_text("\n\n".join(topics[k] for k in sorted(topics))[:50_000])
     path, _ = make_checkpoint("LlamaForCausalLM", seed=3, tie_word_embeddings=False)
     q = tmp_path / "q"
-    quantize_model(path, str(q), QuantizeConfig(bits=4, group_size=32, desc_act=desc_act), calibration=str(calib),
-                   num_samples=4, seq_len=64)
+    quantize_model(path, str(q), QuantizeConfig(bits=4, group_size=32, desc_act=desc_act is True),
+                   calibration=str(calib), num_samples=4, seq_len=64)
+    if desc_act == "sorted":
+        cfg = json.loads((q / "config.json").read_text())
+        cfg["quantization_config"]["desc_act"] = True
+        (q / "config.json").write_text(json.dumps(cfg))
     prompts = [{"prompt_token_ids": p} for p in random_prompts([6, 30], seed=4)]
     ref = [o.outputs[0].token_ids for o in LLM(str(q), dtype="float32").generate(prompts, GREEDY, use_tqdm=False)]
     conv = tmp_path / "q-tp2"

@@ -23,8 +23,9 @@ import torch
 import torch.distributed as dist
 
 from tokenmill.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from tokenmill.distributed.parallel_state import (ParallelState, destroy_distributed, get_parallel_state,
-                                                  init_distributed, set_parallel_state)
+from tokenmill.distributed.parallel_state import (ParallelState, destroy_distributed, init_distributed, send_object,
+                                                  set_parallel_state)
+from tokenmill.distributed.shm_allreduce import PeerError
 from tokenmill.distributed.worker import worker_main
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,12 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _is_transport_error(e: BaseException) -> bool:
+    """gloo raises its timeouts and closed connections as plain RuntimeErrors."""
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(k in text for k in ("gloo", "nccl", "timed out", "connection"))
 
 
 def backend_for(device: torch.device) -> str:
@@ -71,6 +78,8 @@ class MultiprocExecutor:
         self.parallel = parallel
         self.procs: list[subprocess.Popen] = []
         self.failed: Optional[DistributedError] = None
+        self.ready = False  # set by the engine once every rank is in its step loop
+        self._threads = torch.get_num_threads()
         world = parallel.world_size
         tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
         backend = backend_for(model_config.torch_device)
@@ -84,24 +93,31 @@ class MultiprocExecutor:
                 model_config.torch_device = torch.device("cuda", local_rank)
             if rank != 0:  # a model worker: serve rank 0's steps until it shuts down, then leave
                 worker_main(rank, tp, pp, "env://", backend, parallel.distributed_timeout_seconds,
-                            model_config, cache_config, scheduler_config, None)
+                            model_config, cache_config, scheduler_config, None, None)
                 raise SystemExit(0)
             init_method = "env://"
         else:
             init_method = f"tcp://127.0.0.1:{_free_port()}"
             # Ranks share this machine's cores; oversubscribed threads would slow every rank down.
             threads = max(1, (os.cpu_count() or 1) // world) if model_config.torch_device.type == "cpu" else None
-            for rank in range(1, world):
-                args = (rank, tp, pp, init_method, backend, parallel.distributed_timeout_seconds,
-                        model_config, cache_config, scheduler_config, threads)
-                p = subprocess.Popen([sys.executable, "-m", "tokenmill.distributed.worker"], stdin=subprocess.PIPE)
-                p.stdin.write(pickle.dumps(args))
-                p.stdin.close()
-                self.procs.append(p)
+            base = model_config.torch_device.index or 0
+            try:
+                for rank in range(1, world):
+                    # Spawned ranks take the GPUs after rank 0's, one each.
+                    device = f"cuda:{base + rank}" if model_config.torch_device.type == "cuda" else None
+                    args = (rank, tp, pp, init_method, backend, parallel.distributed_timeout_seconds,
+                            model_config, cache_config, scheduler_config, threads, device)
+                    p = subprocess.Popen([sys.executable, "-m", "tokenmill.distributed.worker"], stdin=subprocess.PIPE)
+                    self.procs.append(p)
+                    p.stdin.write(pickle.dumps(args))
+                    p.stdin.close()
+            except BaseException:
+                self._terminate()
+                raise
             if threads:
                 torch.set_num_threads(threads)
             if model_config.torch_device.type == "cuda":
-                model_config.torch_device = torch.device("cuda", 0)
+                model_config.torch_device = torch.device("cuda", base)
         try:
             init_distributed(tp, pp, 0, init_method, backend, parallel.distributed_timeout_seconds,
                              model_config.torch_device, self._dead_worker)
@@ -115,13 +131,15 @@ class MultiprocExecutor:
         if self.failed is not None:
             raise self.failed
         try:
-            dist.broadcast_object_list([step.for_workers()], src=0, group=get_parallel_state().control_group)
+            send_object(step.for_workers(), self.parallel.distributed_timeout_seconds)
             return run(step)
-        except DistributedError:
-            raise
-        except RuntimeError as e:  # gloo/NCCL: a peer closed the connection, or a collective timed out
+        except BaseException as e:
+            # Whatever stopped rank 0 mid-step (a peer, a local error, Ctrl-C), the other ranks are
+            # now inside a step rank 0 left: they cannot be brought back in line, only stopped.
             self.failed = DistributedError(self._diagnose(e))
-            self._terminate()
+            self.shutdown(graceful=False)  # also frees this process for a new engine
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
             raise self.failed from e
 
     def _dead_worker(self) -> Optional[str]:
@@ -132,11 +150,16 @@ class MultiprocExecutor:
 
     def _diagnose(self, e: BaseException) -> str:
         dead = [f"rank {i + 1} (exit code {p.poll()})" for i, p in enumerate(self.procs) if p.poll() is not None]
-        what = f"{', '.join(dead)} died" if dead else (
-            f"a rank did not answer within {self.parallel.distributed_timeout_seconds:g} s or closed its "
-            "connection (dead or hung)")
+        if dead:
+            what = f"{', '.join(dead)} died"
+        elif isinstance(e, (dist.DistError, PeerError)) or _is_transport_error(e):
+            what = (f"a rank did not answer within {self.parallel.distributed_timeout_seconds:g} s or closed its "
+                    "connection (dead or hung)")
+        else:
+            what = f"rank 0 stopped in the middle of it ({type(e).__name__})"
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
         return (f"tensor/pipeline-parallel step failed: {what}; the engine cannot continue and must be "
-                f"restarted. Cause: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                f"restarted. Cause: {cause}")
 
     def _terminate(self) -> None:
         for p in self.procs:
@@ -145,21 +168,21 @@ class MultiprocExecutor:
         for p in self.procs:
             p.wait(timeout=5)
 
-    def shutdown(self) -> None:
-        """Tell the workers to stop (best effort) and leave the process group."""
-        if not dist.is_initialized():
-            return
-        if self.failed is None:
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop the workers and leave the process group. Gracefully (a stop message) only when they
+        are idle in their step loop; otherwise, or if they do not stop, they are killed."""
+        if graceful and self.ready and self.failed is None and dist.is_initialized():
             try:  # None is the workers' signal to stop
-                dist.broadcast_object_list([None], src=0, group=get_parallel_state().control_group)
+                send_object(None, self.parallel.distributed_timeout_seconds)
             except RuntimeError as e:
                 logger.warning("could not stop the workers cleanly: %s", e)
-        for p in self.procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                logger.warning("rank %s did not stop; killing it", p.args)
+            for rank, p in enumerate(self.procs, start=1):
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    logger.warning("rank %d did not stop within 10 s; killing it", rank)
         self._terminate()
-        destroy_distributed()
+        if dist.is_initialized():
+            destroy_distributed()
+        torch.set_num_threads(self._threads)
         atexit.unregister(self.shutdown)
-

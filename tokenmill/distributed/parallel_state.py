@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import pickle
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 # Workers wait on the control group between steps: an idle server may wait this long.
-_CONTROL_TIMEOUT = datetime.timedelta(days=7)
+_CONTROL_TIMEOUT = datetime.timedelta(days=365)
 
 
 @dataclass
@@ -105,6 +106,32 @@ def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     set_parallel_state(ParallelState())
+
+
+def send_object(obj: Any, timeout_s: float) -> None:
+    """Rank 0: broadcast a picklable object (a step, or None to stop) on the control group.
+
+    Waits at most timeout_s for the other ranks to take it: a rank frozen between steps would
+    otherwise keep rank 0 waiting for the control group's long timeout.
+    """
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    for t in (torch.tensor([data.numel()], dtype=torch.int64), data):
+        work = dist.broadcast(t, src=0, group=_state.control_group, async_op=True)
+        try:
+            work.wait(timeout=datetime.timedelta(seconds=timeout_s))
+        except RuntimeError as e:
+            from tokenmill.distributed.shm_allreduce import PeerError
+
+            raise PeerError(f"a rank did not take the next step within {timeout_s:g} s: {e}") from e
+
+
+def recv_object() -> Any:
+    """Every other rank: the next object rank 0 sends (waits as long as the engine is idle)."""
+    size = torch.empty(1, dtype=torch.int64)
+    dist.broadcast(size, src=0, group=_state.control_group)
+    data = torch.empty(int(size[0]), dtype=torch.uint8)
+    dist.broadcast(data, src=0, group=_state.control_group)
+    return pickle.loads(data.numpy().tobytes())
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,10 @@ _SLOT_BYTES = 4 << 20  # per rank and parity: a decode batch of 256 tokens at hi
 _SPINS_BEFORE_YIELD = 200
 
 
+class PeerError(RuntimeError):
+    """A peer rank did not arrive (dead or hung)."""
+
+
 class ShmAllReduce:
     def __init__(self, group: dist.ProcessGroup, rank: int, size: int, timeout_s: float,
                  alive: Optional[Callable[[], Optional[str]]] = None) -> None:
@@ -82,8 +86,8 @@ class ShmAllReduce:
                 time.sleep(0)  # let other threads (the server's) run on a busy machine
                 if time.monotonic() > deadline:
                     late = [r for r in range(self.size) if int(flags[r]) < self.calls]
-                    raise RuntimeError(f"tensor-parallel rank(s) {late} of this stage did not reach the shared-memory "
+                    raise PeerError(f"tensor-parallel rank(s) {late} of this stage did not reach the shared-memory "
                                        f"all-reduce within {self.timeout_s:g} s (dead or hung)")
                 problem = self.alive() if self.alive is not None else None
                 if problem:
-                    raise RuntimeError(problem)
+                    raise PeerError(problem)

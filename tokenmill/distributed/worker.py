@@ -10,17 +10,16 @@ import sys
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from tokenmill.config import CacheConfig, ModelConfig, SchedulerConfig
-from tokenmill.distributed.parallel_state import destroy_distributed, init_distributed
+from tokenmill.distributed.parallel_state import destroy_distributed, init_distributed, recv_object
 
 logger = logging.getLogger(__name__)
 
 
 def worker_main(rank: int, tp: int, pp: int, init_method: str, backend: str, timeout_s: float,
                 model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig,
-                num_threads: Optional[int], watch_parent: bool = False) -> None:
+                num_threads: Optional[int], device: Optional[str], watch_parent: bool = False) -> None:
     from tokenmill.engine.model_runner import ModelRunner  # the runner imports the executor side
 
     logging.basicConfig(level=os.environ.get("TOKENMILL_LOG_LEVEL", "WARNING").upper(),
@@ -29,22 +28,21 @@ def worker_main(rank: int, tp: int, pp: int, init_method: str, backend: str, tim
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if num_threads:
         torch.set_num_threads(num_threads)
-    if model_config.torch_device.type == "cuda" and model_config.torch_device.index is None:
-        model_config.torch_device = torch.device("cuda", rank)
+    if device is not None:
+        model_config.torch_device = torch.device(device)
     parent = os.getppid()
 
     def alive() -> Optional[str]:  # a worker started by rank 0 outlives it only by mistake
         return "rank 0 (the engine) exited" if watch_parent and os.getppid() != parent else None
 
-    state = init_distributed(tp, pp, rank, init_method, backend, timeout_s, model_config.torch_device, alive)
+    init_distributed(tp, pp, rank, init_method, backend, timeout_s, model_config.torch_device, alive)
     runner = ModelRunner(model_config, cache_config, scheduler_config)
     steps = 0
     while True:
-        box = [None]
-        dist.broadcast_object_list(box, src=0, group=state.control_group)
-        if box[0] is None:
+        step = recv_object()
+        if step is None:
             break
-        runner.run(box[0])
+        runner.run(step)
         steps += 1
     logger.info("rank %d stopping after %d steps", rank, steps)
     destroy_distributed()

@@ -104,6 +104,11 @@ class AsyncLLMEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id, None, None))
 
+    @property
+    def is_running(self) -> bool:
+        """Whether the engine thread is still alive (a step may be under way)."""
+        return self._thread.is_alive()
+
     def shutdown(self) -> None:
         self._stop.set()
         self._inbox.put(("stop", None, None, None))

@@ -58,19 +58,26 @@ class LLMEngine:
 
             # Under torchrun, ranks other than 0 become model workers here and never return.
             self.executor = MultiprocExecutor(self.parallel_config, model_config, cache_config, scheduler_config)
+        try:
+            self._init(model_config, cache_config, scheduler_config)
+        except BaseException:
+            if self.executor is not None:  # the workers may be anywhere in their start-up: stop them hard
+                self.executor.shutdown(graceful=False)
+            raise
+        if self.executor is not None:
+            self.executor.ready = True  # every rank is in its step loop
+
+    def _init(self, model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig) -> None:
         self.tokenizer = None
         if not model_config.skip_tokenizer_init:
             from transformers import AutoTokenizer
 
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(model_config.model)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"cannot load the tokenizer from {model_config.model!r}: {e}") from e
-        try:
-            self.model_runner = ModelRunner(model_config, cache_config, scheduler_config, self.executor)
-        except BaseException:
-            self.shutdown()
-            raise
+            except Exception as e:  # transformers raises several types (OSError, ImportError, ...)
+                raise ValueError(f"cannot load the tokenizer from {model_config.model!r} (pass "
+                                 f"skip_tokenizer_init=True to run on token ids): {e}") from e
+        self.model_runner = ModelRunner(model_config, cache_config, scheduler_config, self.executor)
         if self.tokenizer is not None:
             tok = self.tokenizer
             self.model_runner.token_text = lambda t: tok.decode([t])
@@ -147,10 +154,11 @@ class LLMEngine:
             if req is not None:
                 self.scheduler.abort(req.seqs)
 
-    def shutdown(self) -> None:
-        """Stop the other ranks of a tensor/pipeline-parallel engine (a no-op with one process)."""
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop the other ranks of a tensor/pipeline-parallel engine (a no-op with one process).
+        graceful=False kills them, for when a step may still be running."""
         if self.executor is not None:
-            self.executor.shutdown()
+            self.executor.shutdown(graceful)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -68,6 +68,9 @@ class ModelRunner:
             sizes = torch.tensor([self.num_blocks, self.num_spill_blocks])
             dist.all_reduce(sizes, op=dist.ReduceOp.MIN, group=ps.control_group)
             self.num_blocks, self.num_spill_blocks = int(sizes[0]), int(sizes[1])
+        if self.num_blocks < 1:  # raised on every rank alike, after the agreement
+            raise ValueError(f"the KV cache budget holds no block of {self.kv_bytes_per_token * self.block_size} "
+                             "bytes on some rank; raise kv_cache_memory_bytes")
         self._allocate_kv_cache()
         self.spill_cache = None
         if self.num_spill_blocks:
@@ -113,12 +116,10 @@ class ModelRunner:
         else:
             # No point holding more than max_num_seqs full-length sequences could ever use.
             most = sched.max_num_seqs * (-(-sched.max_model_len // self.block_size)) * per_block
-            budget = min(int(_available_ram() * _CPU_MEMORY_FRACTION), most)
-        num_blocks = budget // per_block
-        if num_blocks < 1:
-            raise ValueError(f"KV cache budget of {budget} bytes holds no block of {per_block} bytes; "
-                             "raise kv_cache_memory_bytes")
-        return int(num_blocks)
+            # Ranks on one machine share its RAM.
+            share = _CPU_MEMORY_FRACTION / get_parallel_state().world_size
+            budget = min(int(_available_ram() * share), most)
+        return max(0, int(budget // per_block))  # checked once every rank has agreed (see __init__)
 
     def _allocate_kv_cache(self) -> None:
         a = self.attn_layers[0]

@@ -97,7 +97,7 @@ class GPTQLinear(nn.Module):
         once here, and the input is permuted to match at run time, as exllama does), so the
         dequantization is a reshape and two broadcasts instead of per-row gathers."""
         K, N, g = self.in_features, self.out_features, self.group_size
-        if self.bits == 3 or K % g:
+        if self.bits == 3 or K % g or self.scales.shape[0] != K // g:  # e.g. a row slice keeping all groups
             return None
         g_idx = self.g_idx.long()
         perm = torch.argsort(g_idx, stable=True)

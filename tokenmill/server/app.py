@@ -130,5 +130,5 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         engine.shutdown()
-        core.shutdown()
+        core.shutdown(graceful=not engine.is_running)
     return 0
