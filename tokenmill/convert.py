@@ -61,6 +61,9 @@ def convert_checkpoint(model: str, out_dir: str, tensor_parallel_size: int, dtyp
     target = resolve_dtype(ckpt if dtype == "auto" else dtype, None, torch.device("cpu"))
     report = ConvertReport(tensor_parallel_size, _DTYPE_NAMES[target])
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("rank_*"):  # an earlier conversion for another size
+        if stale.is_dir():
+            shutil.rmtree(stale)
     names = sorted(checkpoint_tensor_names(model)) or None
     for rank in range(tensor_parallel_size):
         set_parallel_state(ParallelState(tp_size=tensor_parallel_size, tp_rank=rank))
@@ -88,8 +91,6 @@ def convert_checkpoint(model: str, out_dir: str, tensor_parallel_size: int, dtyp
                     bar.write(f"{name:<60} {str(tuple(tensor.shape)):>16} -> rank {rank} "
                               f"{str(tuple(t.shape)):>16} {str(t.dtype).replace('torch.', '')}")
         rank_dir = out / f"rank_{rank}"
-        if rank_dir.exists():
-            shutil.rmtree(rank_dir)
         rank_dir.mkdir()
         save_sharded(state, rank_dir, max_shard_size)
         report.rank_bytes.append(sum(t.numel() * t.element_size() for t in state.values()))
