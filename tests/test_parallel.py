@@ -97,6 +97,25 @@ def test_layout_errors_are_refused_before_any_process_starts(make_checkpoint):
         LLM(path, tensor_parallel_size=0)
 
 
+def test_worker_dying_at_start_is_reported_at_once(make_checkpoint, monkeypatch):
+    import subprocess
+    import sys
+
+    from tokenmill.distributed import executor
+
+    path, _ = make_checkpoint("LlamaForCausalLM")
+    real_popen = subprocess.Popen
+
+    def dying_worker(args, **kw):  # a worker that fails on start (an import error, no memory ...)
+        return real_popen([sys.executable, "-c", "import sys; sys.stdin.read(); sys.exit(3)"], **kw)
+
+    monkeypatch.setattr(executor.subprocess, "Popen", dying_worker)
+    start = time.monotonic()
+    with pytest.raises(DistributedError, match="rank 1 exited with code 3 while starting"):
+        LLM(path, tensor_parallel_size=2, distributed_timeout_seconds=60)
+    assert time.monotonic() - start < 20
+
+
 def test_failures_after_the_workers_started_leave_nothing_behind(make_checkpoint, tmp_path):
     """Errors raised once the workers run (on rank 0 alone, or on every rank) end in a ValueError
     within seconds, and every worker process is gone."""

@@ -11,12 +11,14 @@ Two ways to get the ranks:
 from __future__ import annotations
 
 import atexit
+import datetime
 import logging
 import os
 import pickle
 import socket
 import subprocess
 import sys
+import time
 from typing import Any, Callable, Optional
 
 import torch
@@ -29,6 +31,9 @@ from tokenmill.distributed.shm_allreduce import PeerError
 from tokenmill.distributed.worker import worker_main
 
 logger = logging.getLogger(__name__)
+
+
+_STARTUP_TIMEOUT_S = 600.0
 
 
 class DistributedError(RuntimeError):
@@ -80,11 +85,15 @@ class MultiprocExecutor:
         self.failed: Optional[DistributedError] = None
         self.ready = False  # set by the engine once every rank is in its step loop
         self._threads = torch.get_num_threads()
+        # Starting a worker (imports, then the rendezvous) may take longer than any step; one that
+        # dies on the way is seen at once, so this bound only catches a start-up that hangs.
+        self._startup_timeout = max(parallel.distributed_timeout_seconds, _STARTUP_TIMEOUT_S)
         world = parallel.world_size
         tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
         backend = backend_for(model_config.torch_device)
         check_layout(parallel, model_config)
         launched = torchrun_rank()
+        store = None
         if launched is not None:
             rank, env_world, local_rank = launched
             if env_world != world:
@@ -97,7 +106,10 @@ class MultiprocExecutor:
                 raise SystemExit(0)
             init_method = "env://"
         else:
-            init_method = f"tcp://127.0.0.1:{_free_port()}"
+            # Rank 0 serves the rendezvous store, so it can watch the workers join (see _rendezvous).
+            store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
+                                  timeout=datetime.timedelta(seconds=self._startup_timeout))
+            init_method = f"store://127.0.0.1:{store.port}"
             # Ranks share this machine's cores; oversubscribed threads would slow every rank down.
             threads = max(1, (os.cpu_count() or 1) // world) if model_config.torch_device.type == "cpu" else None
             base = model_config.torch_device.index or 0
@@ -119,12 +131,27 @@ class MultiprocExecutor:
             if model_config.torch_device.type == "cuda":
                 model_config.torch_device = torch.device("cuda", base)
         try:
+            if store is not None:
+                self._wait_for_workers(store, world)
             init_distributed(tp, pp, 0, init_method, backend, parallel.distributed_timeout_seconds,
-                             model_config.torch_device, self._dead_worker)
+                             model_config.torch_device, self._dead_worker, store)
         except Exception as e:
             self._terminate()
             raise DistributedError(f"the {world} ranks could not meet at {init_method}: {e}") from e
         atexit.register(self.shutdown)
+
+    def _wait_for_workers(self, store: Any, world: int) -> None:
+        """Until every worker has reached the store: one that dies on the way (an import error, no
+        memory) is reported at once, not after the rendezvous timeout."""
+        deadline = time.monotonic() + self._startup_timeout
+        keys = [f"started/{r}" for r in range(1, world)]
+        while not store.check(keys):
+            dead = self._dead_worker()
+            if dead:
+                raise DistributedError(f"{dead} while starting (its error is printed above)")
+            if time.monotonic() > deadline:
+                raise DistributedError(f"the workers did not all start within {self._startup_timeout:g} s")
+            time.sleep(0.05)
 
     def execute(self, step: Any, run: Callable[[Any], Any]) -> Any:
         """Send the step to every rank, run rank 0's share, return rank 0's result."""

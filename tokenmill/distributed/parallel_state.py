@@ -76,13 +76,24 @@ def set_parallel_state(state: ParallelState) -> None:
 
 def init_distributed(tp_size: int, pp_size: int, rank: int, init_method: str, backend: str,
                      timeout_s: float, device: Optional[torch.device] = None,
-                     alive: Optional[Callable[[], Optional[str]]] = None) -> ParallelState:
-    """Join the process group and build the layout's groups; every rank calls this alike."""
+                     alive: Optional[Callable[[], Optional[str]]] = None, store: Any = None) -> ParallelState:
+    """Join the process group and build the layout's groups; every rank calls this alike.
+
+    init_method is env:// (torchrun), tcp://host:port, or store://host:port for workers joining
+    the store rank 0 serves (rank 0 passes that store itself)."""
     world = tp_size * pp_size
     if device is not None and device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL builds its communicators on the current device
     timeout = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
+    if store is not None:
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    elif init_method.startswith("store://"):  # ranks rank 0 started: meet through its store
+        host, _, port = init_method[len("store://"):].rpartition(":")
+        store = dist.TCPStore(host, int(port), world, is_master=False, timeout=timeout)
+        store.set(f"started/{rank}", "1")  # rank 0 watches for these (see executor)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    else:
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
     # new_group must be called by every rank for every group, in the same order; a group does
     # not inherit the default group's timeout.
     tp_groups = [dist.new_group(list(range(s * tp_size, (s + 1) * tp_size)), timeout=timeout) for s in range(pp_size)]
