@@ -263,3 +263,38 @@ def test_torchrun_rendezvous_serves_from_rank_0(make_checkpoint, tmp_path):
     lines = [line for line in outs[0].splitlines() if line.startswith("TOKENS")]
     assert json.loads(lines[0].split(" ", 1)[1]) == hf_greedy(hf, prompt, 6)
     assert "TOKENS" not in outs[1]  # rank 1 only ran the model
+
+
+SHM_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from tokenmill.distributed.parallel_state import init_distributed, get_parallel_state, tp_all_reduce
+rank = int(sys.argv[1])
+init_distributed(2, 1, rank, sys.argv[2], "gloo", 30)
+assert get_parallel_state().shm is not None
+g = torch.Generator().manual_seed(rank)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for shape in ((1, 768), (7, 3), (3000, 1000)):  # the last is over a slot: gloo's path
+        x = torch.randn(*shape, generator=g).to(dtype)
+        mine = tp_all_reduce(x.clone())
+        parts = [torch.empty_like(x) for _ in range(2)]
+        dist.all_gather(parts, x)
+        assert torch.equal(mine, parts[0] + parts[1]), (dtype, shape)
+print("OK", rank)
+"""
+
+
+def test_shared_memory_all_reduce_sums_like_rank_order(tmp_path):
+    """Every dtype and size (also one too large for a slot) gives exactly rank 0's + rank 1's."""
+    import subprocess
+    import sys
+
+    from tokenmill.distributed.executor import _free_port
+
+    script = tmp_path / "shm.py"
+    script.write_text(SHM_SCRIPT)
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), init], stdout=subprocess.PIPE, text=True,
+                              cwd=str(Path(__file__).parent.parent)) for r in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0] and all("OK" in o for o in outs)
+    assert not list(Path("/dev/shm").glob("tokenmill-tp-*"))  # the buffer's name is gone

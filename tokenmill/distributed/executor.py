@@ -135,8 +135,11 @@ class MultiprocExecutor:
                 self._wait_for_workers(store, world)
             init_distributed(tp, pp, 0, init_method, backend, parallel.distributed_timeout_seconds,
                              model_config.torch_device, self._dead_worker, store)
-        except Exception as e:
+        except BaseException as e:
             self._terminate()
+            destroy_distributed()  # a half-built group would block the next engine in this process
+            if not isinstance(e, Exception):
+                raise
             raise DistributedError(f"the {world} ranks could not meet at {init_method}: {e}") from e
         atexit.register(self.shutdown)
 
@@ -193,7 +196,10 @@ class MultiprocExecutor:
             if p.poll() is None:
                 p.kill()
         for p in self.procs:
-            p.wait(timeout=5)
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                logger.warning("worker process %d did not exit after SIGKILL", p.pid)
 
     def shutdown(self, graceful: bool = True) -> None:
         """Stop the workers and leave the process group. Gracefully (a stop message) only when they

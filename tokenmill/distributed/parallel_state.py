@@ -17,6 +17,7 @@ import datetime
 import logging
 import os
 import pickle
+import platform
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,13 +101,15 @@ def init_distributed(tp_size: int, pp_size: int, rank: int, init_method: str, ba
     control = dist.new_group(list(range(world)), backend="gloo", timeout=_CONTROL_TIMEOUT)
     state = ParallelState(tp_size=tp_size, tp_rank=rank % tp_size, pp_size=pp_size, pp_rank=rank // tp_size,
                           tp_group=tp_groups[rank // tp_size] if tp_size > 1 else None, control_group=control)
-    if backend == "gloo" and tp_size > 1 and os.environ.get("TOKENMILL_SHM_ALLREDUCE", "1") != "0":
+    # The shared-memory sum relies on x86's store ordering (no explicit fences in Python).
+    if (backend == "gloo" and tp_size > 1 and os.environ.get("TOKENMILL_SHM_ALLREDUCE", "1") != "0"
+            and platform.machine().lower() in ("x86_64", "amd64")):
         hosts: list[Any] = [None] * tp_size
         dist.all_gather_object(hosts, socket.gethostname(), group=state.tp_group)
         if len(set(hosts)) == 1:
             from tokenmill.distributed.shm_allreduce import ShmAllReduce
 
-            state.shm = ShmAllReduce(state.tp_group, state.tp_rank, tp_size, timeout_s, alive)
+            state.shm = ShmAllReduce.create(state.tp_group, state.tp_rank, tp_size, timeout_s, alive)
     set_parallel_state(state)
     logger.info("rank %d of %d: tensor-parallel rank %d/%d, pipeline stage %d/%d (%s)", rank, world,
                 state.tp_rank, tp_size, state.pp_rank, pp_size, backend)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import struct
 import tempfile
 import time
 import uuid
@@ -25,6 +27,7 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
+_HEADER_BYTES = 64  # the nonce, then padding to keep the slots aligned
 _SLOT_BYTES = 4 << 20  # per rank and parity: a decode batch of 256 tokens at hidden 4096 in fp32
 _SPINS_BEFORE_YIELD = 200
 
@@ -34,27 +37,63 @@ class PeerError(RuntimeError):
 
 
 class ShmAllReduce:
-    def __init__(self, group: dist.ProcessGroup, rank: int, size: int, timeout_s: float,
+    def __init__(self, buf: torch.Tensor, rank: int, size: int, timeout_s: float,
                  alive: Optional[Callable[[], Optional[str]]] = None) -> None:
         self.rank, self.size, self.timeout_s, self.alive = rank, size, timeout_s, alive
-        self.group = group
         self.calls = 0
-        shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
         flag_bytes = 2 * size * 8
-        total = flag_bytes + 2 * size * _SLOT_BYTES
-        box = [os.path.join(shm_dir, f"tokenmill-tp-{uuid.uuid4().hex}")]
+        self.flags = buf[_HEADER_BYTES:_HEADER_BYTES + flag_bytes].view(torch.int64).view(2, size)
+        self.data = buf[_HEADER_BYTES + flag_bytes:]
+        self.group: Optional[dist.ProcessGroup] = None
+
+    @classmethod
+    def create(cls, group: dist.ProcessGroup, rank: int, size: int, timeout_s: float,
+               alive: Optional[Callable[[], Optional[str]]] = None) -> Optional["ShmAllReduce"]:
+        """The group's shared buffer, or None (gloo then) unless every rank mapped the same one.
+
+        Rank 0 allocates the file for real (a tmpfs too small would otherwise kill the ranks
+        with SIGBUS mid-step) and writes a nonce; a rank with a private /dev/shm (a container
+        on the same host name) does not find the file or the nonce, and the group falls back.
+        """
+        total = _HEADER_BYTES + 2 * size * 8 + 2 * size * _SLOT_BYTES
+        shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        offer: tuple[Optional[str], int] = (None, 0)
+        if rank == 0:
+            path, nonce = os.path.join(shm_dir, f"tokenmill-tp-{uuid.uuid4().hex}"), secrets.randbits(62) + 1
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+                try:
+                    os.posix_fallocate(fd, 0, total)
+                    os.pwrite(fd, struct.pack("<q", nonce), 0)
+                finally:
+                    os.close(fd)
+                offer = (path, nonce)
+            except OSError as e:
+                logger.warning("no %.0f MiB shared buffer in %s (%s): tensor-parallel sums go through gloo",
+                               total / 2**20, shm_dir, e)
+                if os.path.exists(path):
+                    os.unlink(path)
+        box: list = [offer]
         dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
-        path = box[0]
-        if rank == 0:
-            with open(path, "wb") as f:
-                f.truncate(total)
-        dist.barrier(group=group)
-        buf = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
-        dist.barrier(group=group)  # everyone has it mapped: the name can go
-        if rank == 0:
-            os.unlink(path)
-        self.flags = buf[:flag_bytes].view(torch.int64).view(2, size)
-        self.data = buf[flag_bytes:]
+        path, nonce = box[0]
+        buf = None
+        try:
+            if path is not None and os.path.isfile(path):  # from_file would create a missing one
+                buf = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
+                if int(buf[:8].view(torch.int64)[0]) != nonce:
+                    buf = None
+            agreed = torch.tensor([0 if buf is None else 1])
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)  # also: everyone has mapped it
+        finally:
+            if rank == 0 and path is not None and os.path.exists(path):
+                os.unlink(path)  # the mappings stay; the name goes, even on errors
+        if not int(agreed[0]):
+            if path is not None:
+                logger.warning("the tensor-parallel ranks do not share /dev/shm: their sums go through gloo")
+            return None
+        shm = cls(buf, rank, size, timeout_s, alive)
+        shm.group = group
+        return shm
 
     def _slot(self, parity: int, rank: int, nbytes: int) -> torch.Tensor:
         start = (parity * self.size + rank) * _SLOT_BYTES
