@@ -32,6 +32,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="ranks each layer is split over, one process each (gloo on CPU, NCCL on CUDA)")
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
                    help="pipeline stages the layers are split into")
+    p.add_argument("--linear-backend", default="auto", choices=["auto", "aten", "onednn", "tokenmill"],
+                   help="linear-layer kernels: auto times them on this machine and picks per shape and "
+                        "batch size (default); the others force one")
     p.add_argument("--distributed-timeout-seconds", type=float, default=120.0,
                    help="seconds a rank waits on a peer before the engine fails (a dead or hung rank)")
 
@@ -58,7 +61,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 seed=args.seed, device=args.device, enable_prefix_caching=args.enable_prefix_caching,
                 swap_space=int(args.swap_space * 2**30), tensor_parallel_size=args.tensor_parallel_size,
                 pipeline_parallel_size=args.pipeline_parallel_size,
-                distributed_timeout_seconds=args.distributed_timeout_seconds)
+                distributed_timeout_seconds=args.distributed_timeout_seconds,
+                linear_backend=args.linear_backend)
 
 
 def _sampling_params(args: argparse.Namespace):

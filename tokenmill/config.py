@@ -48,6 +48,9 @@ class ModelConfig:
     seed: int = 0
     device: Optional[str] = None  # None: cuda if available, else cpu
     skip_tokenizer_init: bool = False  # benchmarks feed token ids and need no tokenizer
+    # Linear-layer kernels: "auto" times the candidates on this machine and picks per weight shape
+    # and batch bucket; "aten", "onednn" or "tokenmill" forces one (see kernels/linear.py).
+    linear_backend: str = "auto"
     hf_config: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -58,6 +61,10 @@ class ModelConfig:
             raise ValueError(f"model folder not found: {self.model!r} (tokenmill loads local checkpoints only)")
         if not os.path.isfile(os.path.join(self.model, "config.json")):
             raise ValueError(f"no config.json in model folder {self.model!r}")
+        from tokenmill.kernels.linear import BACKEND_NAMES
+
+        if self.linear_backend not in BACKEND_NAMES:
+            raise ValueError(f"linear_backend must be one of {', '.join(BACKEND_NAMES)}; got {self.linear_backend!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.dtype != "auto" and self.dtype not in _DTYPES and not isinstance(self.dtype, torch.dtype):

@@ -31,6 +31,8 @@ class LLM:
         tensor_parallel_size: ranks each layer is split over (one process each).
         pipeline_parallel_size: stages the layers are split into (one process per rank each).
         distributed_timeout_seconds: how long a rank waits on a peer before the engine fails.
+        linear_backend: "auto" (time the kernels on this machine, pick per shape and batch size),
+            or "aten", "onednn", "tokenmill" to force one.
     """
 
     def __init__(self, model: str, dtype: str = "auto", max_model_len: Optional[int] = None,
@@ -40,9 +42,10 @@ class LLM:
                  enable_prefix_caching: bool = True, swap_space: int = 0,
                  spill_link_bandwidth: Optional[float] = None, spill_device_flops: Optional[float] = None,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                 distributed_timeout_seconds: float = 120.0) -> None:
+                 distributed_timeout_seconds: float = 120.0, linear_backend: str = "auto") -> None:
         model_config = ModelConfig(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                                   device=device, skip_tokenizer_init=skip_tokenizer_init)
+                                   device=device, skip_tokenizer_init=skip_tokenizer_init,
+                                   linear_backend=linear_backend)
         cache_config = CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
                                    num_gpu_blocks_override=num_gpu_blocks_override,
                                    enable_prefix_caching=enable_prefix_caching, swap_space=swap_space,

@@ -16,7 +16,7 @@ from tokenmill.engine.model_input import ModelInput, StepInput, build_step, samp
 from tokenmill.engine.scheduler import SampledToken, SchedulerOutput
 from tokenmill.engine.utilization import ModelCost, UtilizationMeter
 from tokenmill.layers.attention import PagedAttention, set_attention_context
-from tokenmill.layers.linear import use_column_major_weights
+from tokenmill.kernels.linear import assign_linear_kernels
 from tokenmill.layers.sampler import Sampler
 from tokenmill.models.loader import load_model
 from tokenmill.outputs import Logprob
@@ -58,8 +58,7 @@ class ModelRunner:
             if name not in m._non_persistent_buffers_set)
         self.cost = self._model_cost()
         self.meter = UtilizationMeter()
-        if self.device.type == "cpu":
-            use_column_major_weights(self.model)
+        self.linear_backends = assign_linear_kernels(self.model, model_config.linear_backend, self.device, self.dtype)
         self.num_blocks = self._num_blocks(cache_config, scheduler_config)
         self.num_spill_blocks = cache_config.swap_space // (self.kv_bytes_per_token * self.block_size)
         ps = get_parallel_state()

@@ -5,11 +5,15 @@ come in groups of similar context length, each attended in one batched SDPA call
 gathered blocks (padded to the group's longest context, so grouping keeps the padding small);
 each prefill chunk gets its own call (causal, or with an explicit mask when it continues an
 earlier chunk or has a sliding window).
+
+NOTE: what depends only on the step (gather indices into the pool, masks, ALiBi biases, rotary
+cos/sin rows) is built by the first layer that needs it and cached in the step's context
+(`AttentionContext.cached`), so every other layer reuses it: no layer builds metadata per step.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +44,14 @@ class AttentionContext:
     slot_mapping: torch.Tensor  # [T] long: the pool slot each token's K/V goes to
     decodes: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # Per-step tensors shared by all layers, built on first use (not sent to other ranks).
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def cached(self, key: Any, build: Callable[[], Any]) -> Any:
+        value = self.cache.get(key)
+        if value is None:
+            value = self.cache[key] = build()
+        return value
 
 
 _context: Optional[AttentionContext] = None
@@ -48,6 +60,11 @@ _context: Optional[AttentionContext] = None
 def set_attention_context(ctx: Optional[AttentionContext]) -> None:
     global _context  # one forward at a time per process, as in nano-vllm's set_context
     _context = ctx
+
+
+def step_cached(key: Any, build: Callable[[], Any]) -> Any:
+    """A per-step value shared by every layer (built once per step); outside a step, just built."""
+    return _context.cached(key, build) if _context is not None else build()
 
 
 def get_attention_context() -> AttentionContext:
@@ -87,54 +104,86 @@ class PagedAttention(nn.Module):
             self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, k)
             self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, v)
         out = torch.empty_like(q)
-        for g in ctx.decodes:
+        for gi, g in enumerate(ctx.decodes):
             sl = slice(g.start, g.start + g.context_lens.shape[0])
-            out[sl] = self._decode(q[sl], g.block_tables, g.context_lens)
-        for p in ctx.prefills:
+            out[sl] = self._decode(ctx, gi, g, q[sl])
+        for pi, p in enumerate(ctx.prefills):
             sl = slice(p.start, p.start + p.query_len)
-            out[sl] = self._prefill(q[sl], k[sl], v[sl], p)
+            out[sl] = self._prefill(ctx, pi, p, q[sl], k[sl], v[sl])
         return out.view(T, self.num_heads * self.head_dim)
 
-    def _gather(self, cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        # [..., nb] -> [..., nb * block_size, KVH, hd]; index_select is much cheaper than
-        # advanced indexing for this on CPU.
-        g = cache.index_select(0, block_tables.reshape(-1))
-        return g.view(*block_tables.shape[:-1], -1, self.num_kv_heads, self.head_dim)
+    def _gather(self, cache: torch.Tensor, slots: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        # One index_select over the flat pool with the step's precomputed slot indices: much
+        # cheaper on CPU than advanced indexing, and no per-layer index arithmetic.
+        flat = cache.view(-1, self.num_kv_heads, self.head_dim)
+        return flat.index_select(0, slots).view(*shape, self.num_kv_heads, self.head_dim)
 
-    def _decode(self, q: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    def _decode_meta(self, ctx: AttentionContext, gi: int, g: DecodeGroup) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(slots [G*L], additive or boolean mask [G, H|1, 1, L], L) for decode group gi."""
+        bs = self.k_cache.shape[1]
+
+        def slots() -> tuple[torch.Tensor, int]:
+            L = int(g.context_lens.max())
+            idx = (g.block_tables[:, :, None] * bs + torch.arange(bs, device=g.block_tables.device)).flatten(1)
+            return idx[:, :L].reshape(-1), L
+
+        idx, L = ctx.cached(("decode_slots", gi, bs), slots)
+
+        def mask() -> torch.Tensor:
+            pos = torch.arange(L, device=g.context_lens.device)
+            m = pos[None, :] < g.context_lens[:, None]  # (G, L)
+            if self.sliding_window is not None:
+                m &= pos[None, :] >= (g.context_lens[:, None] - self.sliding_window)
+            m = m[:, None, None, :]
+            if self.alibi_slopes is None:
+                return m
+            bias = torch.tensor(self.alibi_slopes, device=m.device)[None, :, None, None] * pos.float()
+            return bias.masked_fill(~m, float("-inf")).to(self.k_cache.dtype)  # (G, H, 1, L) additive
+
+        key = ("decode_mask", gi, self.sliding_window, tuple(self.alibi_slopes or ()))
+        return idx, ctx.cached(key, mask), L
+
+    def _decode(self, ctx: AttentionContext, gi: int, g: DecodeGroup, q: torch.Tensor) -> torch.Tensor:
         D = q.shape[0]
-        k = self._gather(self.k_cache, block_tables).transpose(1, 2)  # (D, KVH, L, hd)
-        v = self._gather(self.v_cache, block_tables).transpose(1, 2)
-        pos = torch.arange(k.shape[2], device=q.device)
-        mask = pos[None, :] < context_lens[:, None]  # (D, L)
-        if self.sliding_window is not None:
-            mask &= pos[None, :] >= (context_lens[:, None] - self.sliding_window)
-        attn_mask = mask[:, None, None, :]
-        if self.alibi_slopes is not None:  # (D, H, 1, L) additive bias
-            bias = torch.tensor(self.alibi_slopes, device=q.device)[None, :, None, None] * pos.float()
-            attn_mask = bias.masked_fill(~attn_mask, float("-inf")).to(q.dtype)
+        idx, mask, L = self._decode_meta(ctx, gi, g)
+        k = self._gather(self.k_cache, idx, (D, L)).transpose(1, 2)  # (D, KVH, L, hd)
+        v = self._gather(self.v_cache, idx, (D, L)).transpose(1, 2)
         o = F.scaled_dot_product_attention(q.view(D, self.num_heads, 1, self.head_dim), k, v,
-                                           attn_mask=attn_mask, scale=self.scale,
+                                           attn_mask=mask, scale=self.scale,
                                            enable_gqa=self.num_heads != self.num_kv_heads)
         return o.view(D, self.num_heads, self.head_dim)
 
-    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: PrefillChunk) -> torch.Tensor:
+    def _prefill_mask(self, p: PrefillChunk, device: torch.device) -> Optional[torch.Tensor]:
+        n, ctx_len = p.query_len, p.context_len
+        if not (ctx_len > n or self.alibi_slopes is not None
+                or (self.sliding_window is not None and self.sliding_window < n)):
+            return None  # plain causal: SDPA's is_causal
+        qpos = torch.arange(ctx_len - n, ctx_len, device=device)[:, None]
+        kpos = torch.arange(ctx_len, device=device)[None, :]
+        mask = kpos <= qpos
+        if self.sliding_window is not None:
+            mask &= kpos > qpos - self.sliding_window
+        if self.alibi_slopes is not None:  # (H, n, ctx) additive bias
+            bias = torch.tensor(self.alibi_slopes, device=device)[:, None, None] * kpos.float()
+            mask = bias.masked_fill(~mask, float("-inf")).to(self.k_cache.dtype)
+        return mask
+
+    def _prefill(self, ctx: AttentionContext, pi: int, p: PrefillChunk, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> torch.Tensor:
         n, ctx_len = p.query_len, p.context_len
         if ctx_len > n:  # continues earlier chunks: read the whole context back from the pool
-            nb = -(-ctx_len // self.k_cache.shape[1])
-            k = self._gather(self.k_cache, p.block_table[:nb])[:ctx_len]
-            v = self._gather(self.v_cache, p.block_table[:nb])[:ctx_len]
-        mask = None
-        if ctx_len > n or self.alibi_slopes is not None or (self.sliding_window is not None
-                                                             and self.sliding_window < n):
-            qpos = torch.arange(ctx_len - n, ctx_len, device=q.device)[:, None]
-            kpos = torch.arange(ctx_len, device=q.device)[None, :]
-            mask = kpos <= qpos
-            if self.sliding_window is not None:
-                mask &= kpos > qpos - self.sliding_window
-            if self.alibi_slopes is not None:  # (H, n, ctx) additive bias
-                bias = torch.tensor(self.alibi_slopes, device=q.device)[:, None, None] * kpos.float()
-                mask = bias.masked_fill(~mask, float("-inf")).to(q.dtype)
+            bs = self.k_cache.shape[1]
+
+            def slots() -> torch.Tensor:
+                nb = -(-ctx_len // bs)
+                idx = p.block_table[:nb, None] * bs + torch.arange(bs, device=p.block_table.device)
+                return idx.reshape(-1)[:ctx_len]
+
+            idx = ctx.cached(("prefill_slots", pi, bs), slots)
+            k = self._gather(self.k_cache, idx, (ctx_len,))
+            v = self._gather(self.v_cache, idx, (ctx_len,))
+        key = ("prefill_mask", pi, self.sliding_window, tuple(self.alibi_slopes or ()))
+        mask = ctx.cached(key, lambda: self._prefill_mask(p, q.device))  # None (causal) is cheap to redo
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),  # (H, n, hd), (KVH, ctx, hd)
             attn_mask=mask, is_causal=mask is None, scale=self.scale,

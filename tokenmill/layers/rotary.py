@@ -7,6 +7,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from tokenmill.layers.attention import step_cached
+
 
 def rope_inv_freq(head_dim: int, base: float, scaling: Optional[dict[str, Any]]) -> torch.Tensor:
     """Inverse frequencies for the rotary dims, scaled as the checkpoint's rope_scaling says."""
@@ -34,11 +36,6 @@ def rope_inv_freq(head_dim: int, base: float, scaling: Optional[dict[str, Any]])
     raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, base: float,
                  scaling: Optional[dict[str, Any]], dtype: torch.dtype) -> None:
@@ -55,10 +52,16 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # (max_pos, hd), the rotate-half layout
         # Computed in float32 and cast once, as transformers does per step.
         self.register_buffer("cos", emb.cos().to(device=device, dtype=self.dtype), persistent=False)
-        self.register_buffer("sin", emb.sin().to(device=device, dtype=self.dtype), persistent=False)
+        # rotate_half(x) = cat(-x2, x1) = roll(x, half) * [-1.., +1..]: the sign lives in the table,
+        # so a rotation is one roll and two multiplies (bitwise what transformers computes).
+        sign = torch.cat([-torch.ones(self.head_dim // 2), torch.ones(self.head_dim // 2)])
+        self.register_buffer("sin", (emb.sin() * sign).to(device=device, dtype=self.dtype), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, hd], k: [T, KVH, hd], positions: [T]."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, hd] (queries and keys together) rotated by their positions [T].
+
+        The cos/sin rows of a step's positions are gathered once and shared by every layer.
+        """
+        key = ("rope", self.head_dim, self.base, repr(self.scaling), self.dtype)
+        cos, sin = step_cached(key, lambda: (self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)))
+        return x * cos + x.roll(self.head_dim // 2, dims=-1) * sin

@@ -65,10 +65,11 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q.view(T, self.num_heads, self.head_dim),
-                               k.view(T, self.num_kv_heads, self.head_dim))
-        o = self.attn(q.reshape(T, self.q_size), k.reshape(T, self.kv_size), v)
+        qkv = self.qkv_proj(x)
+        # Queries and keys are rotated together: (T, H + KVH, hd) is a view of the fused output.
+        qk = self.rotary_emb(positions, qkv[:, :self.q_size + self.kv_size].view(T, -1, self.head_dim))
+        qk = qk.view(T, self.q_size + self.kv_size)
+        o = self.attn(qk[:, :self.q_size], qk[:, self.q_size:], qkv[:, self.q_size + self.kv_size:])
         return self.o_proj(o)
 
 
