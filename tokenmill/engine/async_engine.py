@@ -68,13 +68,7 @@ class AsyncLLMEngine:
                     load.waiting_tokens + self._pending_tokens + self._unseen_tokens, load.free_blocks,
                     load.num_running)
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                       prompt: Optional[str] = None) -> AsyncIterator[RequestOutput]:
-        """Submit a request and yield its outputs (cumulative) until it finishes.
-
-        ValueError from validation is raised before anything is yielded. Closing the iterator
-        early (a client that went away) aborts the request and frees its KV blocks.
-        """
+    def _register(self, request_id: str, num_prompt_tokens: int) -> tuple[asyncio.AbstractEventLoop, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         out_q: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -83,8 +77,10 @@ class AsyncLLMEngine:
                 raise EngineDeadError(f"the engine is not serving: {self.error!r}")
             self._streams[request_id] = (loop, out_q)
             self._pending_requests += 1
-            self._pending_tokens += len(prompt_token_ids)
-        self._inbox.put(("add", request_id, {"prompt_token_ids": prompt_token_ids, "prompt": prompt}, params))
+            self._pending_tokens += num_prompt_tokens
+        return loop, out_q
+
+    async def _outputs(self, request_id: str, out_q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while True:
@@ -100,6 +96,39 @@ class AsyncLLMEngine:
                 self._streams.pop(request_id, None)
             if not finished:
                 self._inbox.put(("abort", request_id, None, None))
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+                       prompt: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs (cumulative) until it finishes.
+
+        ValueError from validation is raised before anything is yielded. Closing the iterator
+        early (a client that went away) aborts the request and frees its KV blocks.
+        """
+        _, out_q = self._register(request_id, len(prompt_token_ids))
+        self._inbox.put(("add", request_id, {"prompt_token_ids": prompt_token_ids, "prompt": prompt}, params))
+        async for out in self._outputs(request_id, out_q):
+            yield out
+
+    def generate_batch(self, requests: list[tuple[str, list[int], SamplingParams]]) -> list[AsyncIterator[RequestOutput]]:
+        """Submit several requests at once (one message: they reach the scheduler in the same
+        step) and return one output iterator each, as `generate` yields them.
+
+        NOTE: the caller must iterate (or close) every iterator; that is what unregisters it.
+        """
+        queues: list[asyncio.Queue] = []
+        try:
+            for rid, ids, _ in requests:
+                queues.append(self._register(rid, len(ids))[1])
+        except EngineDeadError:
+            with self._lock:  # undo the ones registered before the news
+                for (rid, ids, _), _q in zip(requests, queues):
+                    self._streams.pop(rid, None)
+                    self._pending_requests -= 1
+                    self._pending_tokens -= len(ids)
+            raise
+        self._inbox.put(("add_many", None, [(rid, {"prompt_token_ids": ids, "prompt": None}, params)
+                                            for rid, ids, params in requests], None))
+        return [self._outputs(rid, q) for (rid, _, _), q in zip(requests, queues)]
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id, None, None))
@@ -127,7 +156,10 @@ class AsyncLLMEngine:
 
     def _handle(self, msg: tuple) -> None:
         kind, rid, prompt, params = msg
-        if kind == "add":
+        if kind == "add_many":
+            for item in prompt:
+                self._handle(("add", *item))
+        elif kind == "add":
             n = len(prompt["prompt_token_ids"])
             with self._lock:
                 self._pending_requests -= 1

@@ -1,6 +1,7 @@
 """/v1/completions and /v1/chat/completions: translate, admit, hand to the engine, format back."""
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -89,12 +90,12 @@ class OpenAIServing:
         return await self._respond(body, jobs, request, chat=True)
 
     # -- running and formatting -----------------------------------------------------------
-    async def _run(self, job: Job) -> AsyncIterator[RequestOutput]:
+    async def _run(self, job: Job, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for one job, with latency metrics recorded on the way."""
         start = last = time.monotonic()
         tokens, finished = 0, False
         try:
-            async for out in self.engine.generate(job.prompt_ids, job.params, job.request_id):
+            async for out in outputs:
                 now = time.monotonic()
                 n = sum(len(c.token_ids) for c in out.outputs)
                 if n > tokens:
@@ -110,9 +111,46 @@ class OpenAIServing:
                         self.metrics.finished(c.finish_reason or "abort")
                 yield out
         finally:
+            await outputs.aclose()  # aborts the engine request if it did not finish
             if not finished:  # the client went away (or the engine failed): counted as aborted
                 for _ in range(job.params.n):
                     self.metrics.finished("abort")
+
+    async def _run_all(self, jobs: list[Job]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Every job's outputs as they come, tagged with the job's index. The jobs are submitted
+        together, so a list of prompts is batched in the same engine steps, not run in turn."""
+        streams = self.engine.generate_batch([(j.request_id, j.prompt_ids, j.params) for j in jobs])
+        if len(jobs) == 1:
+            async for out in self._run(jobs[0], streams[0]):
+                yield 0, out
+            return
+        merged: asyncio.Queue = asyncio.Queue()
+        _DONE = object()
+
+        async def pump(i: int) -> None:
+            try:
+                async for out in self._run(jobs[i], streams[i]):
+                    merged.put_nowait((i, out))
+            except Exception as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+                merged.put_nowait((i, e))
+            finally:
+                merged.put_nowait((i, _DONE))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(jobs))]
+        try:
+            remaining = len(jobs)
+            while remaining:
+                i, item = await merged.get()
+                if item is _DONE:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:  # a client that went away: every job's stream is closed and aborted
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _respond(self, body: Any, jobs: list[Job], request: Request, chat: bool):
         created = int(time.time())
@@ -122,19 +160,20 @@ class OpenAIServing:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(self._stream(jobs, rid, created, model, chat, include_usage),
                                      media_type="text/event-stream")
-        finals: list[RequestOutput] = []
-        for job in jobs:
-            final = None
-            async for out in self._run(job):
-                final = out
+        latest: list[Optional[RequestOutput]] = [None] * len(jobs)
+        outputs = self._run_all(jobs)
+        try:
+            async for i, out in outputs:
+                latest[i] = out
                 if await request.is_disconnected():
-                    self.engine.abort(job.request_id)
                     break
-            if final is None or not final.finished:
-                return JSONResponse(status_code=499, content={"error": {
-                    "message": "client disconnected", "type": "invalid_request_error", "param": None,
-                    "code": "client_closed_request"}})
-            finals.append(final)
+        finally:
+            await outputs.aclose()  # aborts whatever has not finished
+        if any(f is None or not f.finished for f in latest):
+            return JSONResponse(status_code=499, content={"error": {
+                "message": "client disconnected", "type": "invalid_request_error", "param": None,
+                "code": "client_closed_request"}})
+        finals: list[RequestOutput] = latest  # type: ignore[assignment]
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for job, final in zip(jobs, finals):
             prompt_tokens += len(final.prompt_token_ids)
@@ -181,40 +220,38 @@ class OpenAIServing:
             return f"data: {json.dumps(payload)}\n\n"
 
         prompt_tokens = completion_tokens = 0
-        for job in jobs:
-            sent_text: dict[int, int] = {}
-            sent_tokens: dict[int, int] = {}
-            done: set[int] = set()
-            if chat:
-                yield chunk([{"index": job.first_choice + i, "delta": {"role": "assistant", "content": ""},
-                              "logprobs": None, "finish_reason": None} for i in range(job.params.n)])
-            final = None
-            # NOTE: if the client goes away, Starlette stops this generator; closing _run's
-            # iterator aborts the engine request and its KV blocks return to the pool at once.
-            async for out in self._run(job):
-                final = out
-                choices = []
-                for c in out.outputs:
-                    old_text, old_tok = sent_text.get(c.index, 0), sent_tokens.get(c.index, 0)
-                    delta = c.text[old_text:]
-                    if c.index in done or (not delta and c.finish_reason is None):
-                        continue
-                    if c.finish_reason is not None:
-                        done.add(c.index)
-                    sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
-                    lp = self._logprobs(c, old_tok, chat, job.params) if job.params.logprobs is not None else None
-                    index = job.first_choice + c.index
-                    if chat:
-                        choices.append({"index": index, "delta": {"content": delta} if delta else {},
-                                        "logprobs": lp, "finish_reason": c.finish_reason})
-                    else:
-                        choices.append({"index": index, "text": delta, "logprobs": lp,
-                                        "finish_reason": c.finish_reason})
-                if choices:
-                    yield chunk(choices)
-            if final is not None:
-                prompt_tokens += len(final.prompt_token_ids)
-                completion_tokens += sum(len(c.token_ids) for c in final.outputs)
+        sent_text: list[dict[int, int]] = [{} for _ in jobs]
+        sent_tokens: list[dict[int, int]] = [{} for _ in jobs]
+        done: list[set[int]] = [set() for _ in jobs]
+        if chat:
+            yield chunk([{"index": job.first_choice + i, "delta": {"role": "assistant", "content": ""},
+                          "logprobs": None, "finish_reason": None} for job in jobs for i in range(job.params.n)])
+        # NOTE: if the client goes away, Starlette stops this generator; closing the merged
+        # iterator aborts every engine request of this call and their KV blocks return at once.
+        async for j, out in self._run_all(jobs):
+            job = jobs[j]
+            choices = []
+            for c in out.outputs:
+                old_text, old_tok = sent_text[j].get(c.index, 0), sent_tokens[j].get(c.index, 0)
+                delta = c.text[old_text:]
+                if c.index in done[j] or (not delta and c.finish_reason is None):
+                    continue
+                if c.finish_reason is not None:
+                    done[j].add(c.index)
+                sent_text[j][c.index], sent_tokens[j][c.index] = len(c.text), len(c.token_ids)
+                lp = self._logprobs(c, old_tok, chat, job.params) if job.params.logprobs is not None else None
+                index = job.first_choice + c.index
+                if chat:
+                    choices.append({"index": index, "delta": {"content": delta} if delta else {},
+                                    "logprobs": lp, "finish_reason": c.finish_reason})
+                else:
+                    choices.append({"index": index, "text": delta, "logprobs": lp,
+                                    "finish_reason": c.finish_reason})
+            if choices:
+                yield chunk(choices)
+            if out.finished:
+                prompt_tokens += len(out.prompt_token_ids)
+                completion_tokens += sum(len(c.token_ids) for c in out.outputs)
         if include_usage:
             yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                              "total_tokens": prompt_tokens + completion_tokens})
