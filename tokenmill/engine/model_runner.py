@@ -150,8 +150,11 @@ class ModelRunner:
             self.meter.record(*self.cost.step(chunks, 0), time.perf_counter() - start_time)
             return {}
         logits = torch.cat(rows)
-        out = self.sampler(logits, [s.params for s in seqs], [s.token_ids[:s.num_prompt_tokens] for s in seqs],
-                           [s.output_token_ids for s in seqs], [s.generator for s in seqs],
+        # Token histories are copied only when a penalty reads them (else O(context) per step).
+        history = any(s.params.needs_penalties for s in seqs)
+        out = self.sampler(logits, [s.params for s in seqs],
+                           [s.token_ids[:s.num_prompt_tokens] for s in seqs] if history else None,
+                           [s.output_token_ids for s in seqs] if history else None, [s.generator for s in seqs],
                            [banned.get(s.seq_id, []) for s in seqs], self.generator)
         result = {}
         for j, seq in enumerate(seqs):

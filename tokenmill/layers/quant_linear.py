@@ -126,10 +126,10 @@ class GPTQLinear(nn.Module):
         fast["zeros"] = (unpack_cols(self.qzeros, self.bits, N) + 1).to(torch.float32)[:, None, :]  # v1: stored - 1
         fast["scales"] = self.scales.to(torch.float32)[:, None, :]  # (G, 1, N)
         if qweight.device.type == "cpu" and N % 16 == 0 and g % per_word == 0 and cpu_ops.load():
-            # The kernel's operands: packed rows as they are, scales and scale * zero per group.
+            # The kernel's operands: packed rows as they are, scales and zeros per group.
             fast["kernel_qweight"] = qweight.contiguous()
             fast["kernel_scales"] = fast["scales"][:, 0, :].contiguous()
-            fast["kernel_sz"] = (fast["scales"] * fast["zeros"])[:, 0, :].contiguous()
+            fast["kernel_zeros"] = fast["zeros"][:, 0, :].contiguous()
         else:
             logger.info("GPTQ %dx%d (%d-bit): no CPU kernel for it here, dequantizing per call", K, N, self.bits)
         return fast
@@ -148,7 +148,7 @@ class GPTQLinear(nn.Module):
             if "perm" in f:
                 x2 = x2.index_select(-1, f["perm"])
             out = torch.ops.tokenmill_cpu.gptq_gemv(x2.float(), f["kernel_qweight"], f["kernel_scales"],
-                                                     f["kernel_sz"], self.bits, self.group_size)
+                                                     f["kernel_zeros"], self.bits, self.group_size)
             out = out.to(x.dtype).view(*x.shape[:-1], N)
             if self.tp_size > 1:
                 return self._reduce(out)

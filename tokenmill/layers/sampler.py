@@ -20,7 +20,7 @@ from tokenmill.sampling_params import SamplingParams
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[float]  # raw logprob of each sampled token
-    ranks: list[int]  # 1 = the most likely token
+    ranks: Optional[list[int]]  # 1 = the most likely token; only when some row asked for logprobs
     top_ids: Optional[torch.Tensor] = None  # [S, k] when any row asked for logprobs
     top_logprobs: Optional[torch.Tensor] = None
 
@@ -67,12 +67,14 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
-                 output_ids: list[list[int]], generators: list[Optional[torch.Generator]],
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], prompt_ids: Optional[list[list[int]]],
+                 output_ids: Optional[list[list[int]]], generators: list[Optional[torch.Generator]],
                  banned: list[list[int]], global_generator: torch.Generator) -> SamplerOutput:
         """Args:
             logits: [S, V] for the S sequences that sample this step.
             banned: per row, token ids masked out (EOS / stop tokens before min_tokens).
+            prompt_ids, output_ids: per row, the token history; needed (and built by the caller)
+                only when some row has a penalty, so a plain step copies no history.
             generators: per row, the request's own generator, or None for the engine's.
         """
         logits = logits.float()
@@ -94,14 +96,22 @@ class Sampler:
                 torch.tensor([params[i].top_p for i in random_rows], device=logits.device),
                 torch.tensor([params[i].min_p for i in random_rows], device=logits.device))
             probs = sub.softmax(-1)
-            # Generators live on the CPU so a seed means the same draws on every device.
+            # Generators live on the CPU so a seed means the same draws on every device. Seeded
+            # rows draw from their own generator; the others share one draw of the engine's.
             noise = torch.empty(probs.shape, dtype=torch.float32)
+            unseeded = [j for j, i in enumerate(random_rows) if generators[i] is None]
+            if unseeded:
+                draw = torch.empty(len(unseeded), probs.shape[1]).exponential_(generator=global_generator)
+                noise[unseeded] = draw
             for j, i in enumerate(random_rows):
-                noise[j].exponential_(generator=generators[i] or global_generator)
+                if generators[i] is not None:
+                    noise[j].exponential_(generator=generators[i])
             tokens[rows] = (probs / noise.to(probs.device)).argmax(-1)
         chosen = raw_logprobs.gather(-1, tokens[:, None])
-        ranks = (raw_logprobs > chosen).sum(-1) + 1
-        out = SamplerOutput(tokens.tolist(), chosen[:, 0].tolist(), ranks.tolist())
+        wants = any(p.logprobs is not None for p in params)
+        # Full-vocabulary ranks cost a pass over every logit: only when someone will read them.
+        ranks = ((raw_logprobs > chosen).sum(-1) + 1).tolist() if wants else None
+        out = SamplerOutput(tokens.tolist(), chosen[:, 0].tolist(), ranks)
         k = max((p.logprobs or 0 for p in params), default=0)
         if k > 0:
             out.top_logprobs, out.top_ids = raw_logprobs.topk(k, dim=-1)

@@ -1,0 +1,146 @@
+"""tokenmill's CPU kernels against the reference paths, the backend picker, and forced backends."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import hf_greedy, random_prompts
+from tokenmill import LLM, SamplingParams
+from tokenmill.kernels import cpu_ops
+from tokenmill.kernels.linear import BUCKETS, BackendPicker, assign_linear_kernels
+from tokenmill.layers.quant_linear import GPTQLinear
+from tokenmill.quantization.packing import pack_cols, pack_rows
+
+needs_kernels = pytest.mark.skipif(not cpu_ops.load(), reason="no C++ toolchain for tokenmill's CPU kernels")
+
+
+@needs_kernels
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(5, 37), (33, 100), (129, 16), (70, 768), (256, 250)])
+def test_dense_kernel_matches_aten(n, k, wdtype):
+    torch.manual_seed(n * k)
+    w = torch.randn(n, k).to(wdtype)
+    for m in (1, 2, 3, 5, 8, 9, 17):  # every register-tile count, and more rows than one tile
+        x = torch.randn(m, k)
+        got = torch.ops.tokenmill_cpu.dense_gemv(x, w)
+        torch.testing.assert_close(got, F.linear(x, w.float()), atol=1e-4 * k ** 0.5, rtol=1e-4)
+
+
+def _random_gptq(k: int, n: int, bits: int, group: int, act_order: bool, seed: int) -> GPTQLinear:
+    g = torch.Generator().manual_seed(seed)
+    layer = GPTQLinear(k, n, bias=True, bits=bits, group_size=group, act_order=act_order)
+    groups = layer.qzeros.shape[0]
+    q = torch.randint(0, 2 ** bits, (k, n), generator=g, dtype=torch.int32)
+    layer.qweight.copy_(pack_rows(q, bits))
+    layer.qzeros.copy_(pack_cols(torch.randint(0, 2 ** bits - 1, (groups, n), generator=g, dtype=torch.int32), bits))
+    layer.scales.copy_((torch.rand(groups, n, generator=g) * 0.02 + 0.001).half())
+    g_idx = torch.arange(k, dtype=torch.int32) // layer.group_size
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=g)]
+    layer.g_idx.copy_(g_idx)
+    layer.bias.data.normal_(generator=g)
+    return layer
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group,act_order", [(32, False), (64, True), (-1, False)])
+def test_gptq_kernel_matches_dequantized_reference(bits, group, act_order):
+    k, n = 192, 80  # N a multiple of 16 but not of the kernel's 64-column strip
+    layer = _random_gptq(k, n, bits, group, act_order, seed=bits + group)
+    ref_w = layer.dequantized_weight(torch.float32)
+    for m in (1, 3, 4, 7, 16):
+        x = torch.randn(m, k)
+        got = layer(x)
+        assert "kernel_qweight" in layer._fast, "the packed kernel should serve this layer"
+        torch.testing.assert_close(got, F.linear(x, ref_w, layer.bias), atol=2e-4, rtol=1e-4)
+    x = torch.randn(40, k)  # over the kernel's row limit: the dequantizing path, same answer
+    torch.testing.assert_close(layer(x), F.linear(x, ref_w, layer.bias), atol=2e-4, rtol=1e-4)
+
+
+def test_picker_never_picks_a_slow_backend_and_caches(tmp_path):
+    def slow(x, w):
+        time.sleep(0.002)
+        return F.linear(x, w)
+
+    calls = []
+
+    def timer(fn, weights, rows, repeats):
+        calls.append(rows)
+        t0 = time.perf_counter()
+        for w in weights[:2]:
+            fn(torch.randn(rows, w.shape[1]), w)
+        return time.perf_counter() - t0
+
+    cache = tmp_path / "plan.json"
+    picker = BackendPicker({"slow": slow, "aten": lambda x, w: F.linear(x, w)}, cache, timer=timer)
+    plan = picker.plan(24, 40, torch.float32)
+    assert set(plan.names) == set(BUCKETS) and set(plan.names.values()) == {"aten"}
+    picker.save()
+    assert json.loads(cache.read_text())["timings"]
+    timed = len(calls)
+    again = BackendPicker({"slow": slow, "aten": lambda x, w: F.linear(x, w)}, cache, timer=timer)
+    assert again.plan(24, 40, torch.float32).names == plan.names
+    assert len(calls) == timed, "a cached shape is not timed again"
+    x = torch.randn(3, 5, 40)  # leading dims are flattened and restored
+    w = torch.randn(24, 40)
+    torch.testing.assert_close(plan(x, w), F.linear(x, w))
+
+
+def test_unknown_or_unavailable_backend_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="linear_backend must be one of"):
+        assign_linear_kernels(model, "mkl", torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="not available"):
+        assign_linear_kernels(model, "tokenmill", torch.device("cpu"), torch.float16)
+
+
+@pytest.mark.parametrize("backend", ["aten", "onednn", "tokenmill"])
+def test_forced_backend_is_token_exact(make_checkpoint, backend):
+    if backend == "tokenmill" and not cpu_ops.load():
+        pytest.skip("no C++ toolchain")
+    path, hf = make_checkpoint("LlamaForCausalLM", num_key_value_heads=2, hidden_size=72, intermediate_size=100)
+    prompts = random_prompts([1, 5, 19, 40], seed=7)
+    llm = LLM(path, dtype="float32", linear_backend=backend, block_size=7)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    for p, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(hf, p, 8)
+    assert set(v for names in llm.llm_engine.model_runner.linear_backends.values() for v in names.values()) == {backend}
+    with pytest.raises(ValueError, match="linear_backend"):
+        LLM(path, linear_backend="fastest")
+
+
+def test_prompt_list_is_scheduled_in_one_step(make_checkpoint):
+    """What the server does with `prompt: [...]`: one submission, one first step for all."""
+    from tokenmill.engine.async_engine import AsyncLLMEngine
+
+    path, _ = make_checkpoint("LlamaForCausalLM")
+    llm = LLM(path, dtype="float32")
+    batches: list[int] = []
+    engine = AsyncLLMEngine(llm.llm_engine, on_step=lambda e, stepped: stepped and batches.append(
+        e.get_stats().batch_num_seqs))
+
+    async def main() -> list[int]:
+        prompts = random_prompts([4, 9, 13, 30, 2, 17, 8, 21], seed=1)
+        streams = engine.generate_batch([(f"r{i}", p, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+                                         for i, p in enumerate(prompts)])
+        counts = []
+        for s in streams:
+            last = None
+            async for out in s:
+                last = out
+            counts.append(len(last.outputs[0].token_ids))
+        return counts
+
+    try:
+        assert asyncio.run(main()) == [3] * 8
+    finally:
+        engine.shutdown()
+    assert batches[0] == 8, f"the first step ran {batches[0]} of the 8 prompts"
+    assert llm.llm_engine.block_manager.num_free_blocks == llm.llm_engine.block_manager.num_blocks
