@@ -144,3 +144,28 @@ def test_prompt_list_is_scheduled_in_one_step(make_checkpoint):
         engine.shutdown()
     assert batches[0] == 8, f"the first step ran {batches[0]} of the 8 prompts"
     assert llm.llm_engine.block_manager.num_free_blocks == llm.llm_engine.block_manager.num_blocks
+
+
+@needs_kernels
+@pytest.mark.parametrize("heads,kv_heads,hd,window,alibi", [(4, 2, 16, None, False), (6, 1, 20, 5, False),
+                                                           (3, 3, 32, None, True), (8, 4, 64, 9, True)])
+@pytest.mark.parametrize("block_size", [1, 7, 16])
+def test_in_place_decode_attention_matches_gather_path(heads, kv_heads, hd, window, alibi, block_size):
+    from tokenmill.layers.attention import AttentionContext, DecodeGroup, PagedAttention
+
+    torch.manual_seed(heads * hd + block_size)
+    slopes = [0.5 ** (i + 1) for i in range(heads)] if alibi else None
+    attn = PagedAttention(heads, kv_heads, hd, hd ** -0.5, sliding_window=window, alibi_slopes=slopes)
+    num_blocks = 40
+    attn.k_cache = torch.randn(num_blocks, block_size, kv_heads, hd)
+    attn.v_cache = torch.randn(num_blocks, block_size, kv_heads, hd)
+    lens = torch.tensor([1, 3, block_size + 2, 2 * block_size + 1])
+    width = int(-(-lens.max() // block_size))
+    tables = torch.stack([torch.randperm(num_blocks)[:width] for _ in lens])  # blocks scattered over the pool
+    group = DecodeGroup(0, tables, lens)
+    q = torch.randn(len(lens), heads, hd)
+    attn._in_place_flag = True
+    got = attn._decode(AttentionContext(torch.empty(0), [group]), 0, group, q)
+    attn._in_place_flag = False
+    ref = attn._decode(AttentionContext(torch.empty(0), [group]), 0, group, q)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

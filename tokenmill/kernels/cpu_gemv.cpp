@@ -14,6 +14,9 @@
 #include <ATen/Parallel.h>
 #include <cstring>
 #include <cstdint>
+#include <cmath>
+#include <vector>
+#include <algorithm>
 
 namespace {
 
@@ -175,14 +178,80 @@ at::Tensor gptq_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return out;
 }
 
+// Decode attention straight from the paged KV pool: one query token per sequence, its keys and
+// values read in place through the block table (no gathered copy, no mask tensor). k_cache and
+// v_cache are (num_blocks, block_size, KVH, hd) float32; q is (D, H, hd); query head h reads KV
+// head h / (H / KVH). Keys at positions [start, context_len) count, start = context_len - window
+// with a sliding window; ALiBi adds slope[h] * position to each score.
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                  int64_t sliding_window, const at::Tensor& alibi_slopes) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat, "paged attention: float32 only");
+  at::Tensor qc = q.contiguous(), bt = block_tables.to(at::kLong).contiguous(), cl = context_lens.to(at::kLong).contiguous();
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged attention: pool must be contiguous");
+  const int64_t D = qc.size(0), H = qc.size(1), hd = qc.size(2);
+  const int64_t bs = k_cache.size(1), KVH = k_cache.size(2), width = bt.size(1);
+  TORCH_CHECK(k_cache.size(3) == hd && H % KVH == 0, "paged attention: shapes do not match");
+  const bool alibi = alibi_slopes.numel() > 0;
+  at::Tensor slopes = alibi ? alibi_slopes.to(at::kFloat).contiguous() : alibi_slopes;
+  at::Tensor out = at::empty_like(qc);
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  const int64_t* btp = bt.data_ptr<int64_t>();
+  const int64_t* clp = cl.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t group = H / KVH, hd16 = hd - hd % 16, tok_stride = KVH * hd;
+  at::parallel_for(0, D * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t d = i / H, h = i % H, kvh = h / group;
+      const int64_t L = clp[d];
+      const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0;
+      const float* qv = qp + (d * H + h) * hd;
+      const float slope = alibi ? slopes.data_ptr<float>()[h] : 0.f;
+      scores.resize(L - start);
+      float mx = -INFINITY;
+      for (int64_t t = start; t < L; ++t) {
+        const int64_t block = btp[d * width + t / bs];
+        const float* kv = kp + (block * bs + t % bs) * tok_stride + kvh * hd;
+        v16f acc = {};
+        int64_t e = 0;
+        for (; e < hd16; e += 16) acc += load16(qv + e) * load16(kv + e);
+        float sc = hsum(acc);
+        for (; e < hd; ++e) sc += qv[e] * kv[e];
+        sc = sc * static_cast<float>(scale) + slope * static_cast<float>(t);
+        scores[t - start] = sc;
+        mx = std::max(mx, sc);
+      }
+      float denom = 0.f;
+      for (auto& sc : scores) { sc = std::exp(sc - mx); denom += sc; }
+      float* o = op + (d * H + h) * hd;
+      std::fill(o, o + hd, 0.f);
+      for (int64_t t = start; t < L; ++t) {
+        const int64_t block = btp[d * width + t / bs];
+        const float* vv = vp + (block * bs + t % bs) * tok_stride + kvh * hd;
+        const float p = scores[t - start] / denom;
+        int64_t e = 0;
+        for (; e < hd16; e += 16) { v16f ov = load16(o + e) + load16(vv + e) * p; std::memcpy(o + e, &ov, 64); }
+        for (; e < hd; ++e) o[e] += p * vv[e];
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tokenmill_cpu, m) {
   m.def("dense_gemv(Tensor x, Tensor w) -> Tensor");
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor context_lens, float scale, int sliding_window, Tensor alibi_slopes) -> Tensor");
   m.def("gptq_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tokenmill_cpu, CPU, m) {
   m.impl("dense_gemv", dense_gemv);
   m.impl("gptq_gemv", gptq_gemv);
+  m.impl("paged_decode_attention", paged_decode_attention);
 }

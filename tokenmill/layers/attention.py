@@ -12,12 +12,15 @@ cos/sin rows) is built by the first layer that needs it and cached in the step's
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tokenmill.kernels import cpu_ops
 
 
 @dataclass
@@ -93,6 +96,17 @@ class PagedAttention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
+    @property
+    def _in_place(self) -> bool:
+        """Whether decode reads the pool in place through tokenmill's CPU kernel (else gather + SDPA)."""
+        flag = getattr(self, "_in_place_flag", None)
+        if flag is None:
+            cache = self.k_cache
+            flag = self._in_place_flag = bool(cache.numel() and cache.device.type == "cpu" and cache.dtype == torch.float32
+                                              and os.environ.get("TOKENMILL_PAGED_KERNEL", "1") != "0"
+                                              and cpu_ops.load())
+        return flag
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, H*hd], k/v: [T, KVH*hd] -> [T, H*hd]."""
         ctx = get_attention_context()
@@ -145,6 +159,12 @@ class PagedAttention(nn.Module):
 
     def _decode(self, ctx: AttentionContext, gi: int, g: DecodeGroup, q: torch.Tensor) -> torch.Tensor:
         D = q.shape[0]
+        if self._in_place:  # CPU, float32: read the blocks where they lie (kernels/cpu_gemv.cpp)
+            slopes = ctx.cached(("alibi_slopes", tuple(self.alibi_slopes or ())), lambda: torch.tensor(
+                self.alibi_slopes or [], dtype=torch.float32))
+            return torch.ops.tokenmill_cpu.paged_decode_attention(
+                q.reshape(D, self.num_heads, self.head_dim), self.k_cache, self.v_cache, g.block_tables,
+                g.context_lens, self.scale, self.sliding_window or -1, slopes)
         idx, mask, L = self._decode_meta(ctx, gi, g)
         k = self._gather(self.k_cache, idx, (D, L)).transpose(1, 2)  # (D, KVH, L, hd)
         v = self._gather(self.v_cache, idx, (D, L)).transpose(1, 2)
