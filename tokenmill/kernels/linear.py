@@ -155,7 +155,7 @@ class BackendPicker:
             return
         try:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache_path.with_suffix(".tmp")
+            tmp = self.cache_path.with_suffix(f".tmp.{os.getpid()}")  # ranks may save at once
             tmp.write_text(json.dumps({"version": _CACHE_VERSION, "timings": self.cache}))
             os.replace(tmp, self.cache_path)
         except OSError as e:

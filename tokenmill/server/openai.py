@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -121,8 +122,11 @@ class OpenAIServing:
         together, so a list of prompts is batched in the same engine steps, not run in turn."""
         streams = self.engine.generate_batch([(j.request_id, j.prompt_ids, j.params) for j in jobs])
         if len(jobs) == 1:
-            async for out in self._run(jobs[0], streams[0]):
-                yield 0, out
+            # aclosing: a caller that stops early closes (and so aborts) the engine request now,
+            # not whenever the garbage collector finalizes the generator.
+            async with contextlib.aclosing(self._run(jobs[0], streams[0])) as outputs:
+                async for out in outputs:
+                    yield 0, out
             return
         merged: asyncio.Queue = asyncio.Queue()
         _DONE = object()
