@@ -51,10 +51,12 @@ class CausalLM(nn.Module):
         self.is_first_stage = self.is_last_stage = True
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        # Abstract: every architecture (llama.py, gpt2.py, opt.py, bloom.py) defines its own.
+        raise NotImplementedError(f"{type(self).__name__} must define embed()")
 
     def final(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        # Abstract: every architecture defines its final norm.
+        raise NotImplementedError(f"{type(self).__name__} must define final()")
 
     def split_stages(self) -> None:
         """Keep only this rank's pipeline stage (called once, on the meta model)."""
