@@ -169,3 +169,30 @@ def test_in_place_decode_attention_matches_gather_path(heads, kv_heads, hd, wind
     attn._in_place_flag = False
     ref = attn._decode(AttentionContext(torch.empty(0), [group]), 0, group, q)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("hidden,heads,hd", [(37, 3, 6), (256, 12, 32), (768, 5, 128)])
+def test_fused_layer_ops_match_reference(hidden, heads, hd):
+    from tokenmill.layers.norm import RMSNorm
+    from tokenmill.layers.rotary import RotaryEmbedding
+
+    torch.manual_seed(hidden)
+    x = torch.randn(9, hidden) * 3
+    norm = RMSNorm(hidden, 1e-5)
+    norm.weight.data.normal_()
+    ref = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    torch.testing.assert_close(norm(x), ref, atol=1e-5, rtol=1e-5)
+
+    gate_up = torch.randn(9, 2 * hidden)
+    gate, up = gate_up.split(hidden, dim=-1)
+    torch.testing.assert_close(torch.ops.tokenmill_cpu.silu_mul(gate_up), F.silu(gate) * up, atol=1e-6, rtol=1e-5)
+
+    rope = RotaryEmbedding(hd, 64, 10000.0, None, torch.float32)
+    positions = torch.tensor([0, 5, 63, 17, 2, 2, 40, 1, 9])
+    rows = torch.randn(9, (heads + 2) * hd)  # heads rotated, then two heads left alone (like v)
+    expected = rope(positions, rows[:, :heads * hd].reshape(9, heads, hd)).reshape(9, -1)
+    untouched = rows[:, heads * hd:].clone()
+    assert rope.rotate_(positions, rows, heads)
+    torch.testing.assert_close(rows[:, :heads * hd], expected, atol=1e-6, rtol=1e-5)
+    assert torch.equal(rows[:, heads * hd:], untouched)

@@ -241,12 +241,113 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
+// The small per-layer steps of a decoder, each one call instead of several ATen ops (at decode
+// batch sizes each ATen call costs more than its arithmetic). float32, rows of a flat batch.
+
+// RMSNorm as transformers computes it: x * rsqrt(mean(x^2) + eps) * weight.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "rms_norm: float32 only");
+  at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const int64_t H = xc.size(-1), T = xc.numel() / H;
+  TORCH_CHECK(wc.numel() == H, "rms_norm: weight size");
+  at::Tensor out = at::empty_like(xc);
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = wc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* r = xp + t * H;
+      double ss = 0;
+      for (int64_t i = 0; i < H; ++i) ss += static_cast<double>(r[i]) * r[i];
+      const float inv = 1.0f / std::sqrt(static_cast<float>(ss / H) + static_cast<float>(eps));
+      for (int64_t i = 0; i < H; ++i) op[t * H + i] = wp[i] * (r[i] * inv);
+    }
+  });
+  return out;
+}
+
+// silu(gate) * up for gate_up = [gate | up] along the last dimension.
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.scalar_type() == at::kFloat, "silu_mul: float32 only");
+  at::Tensor gc = gate_up.contiguous();
+  const int64_t W = gc.size(-1), I = W / 2, T = gc.numel() / W;
+  std::vector<int64_t> shape(gc.sizes().begin(), gc.sizes().end());
+  shape.back() = I;
+  at::Tensor out = at::empty(shape, gc.options());
+  const float* gp = gc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, T * I, 16384, [&](int64_t a, int64_t b) {
+    for (int64_t j = a; j < b; ++j) {
+      const int64_t t = j / I, i = j % I;
+      const float g = gp[t * W + i];
+      op[j] = g / (1.0f + std::exp(-g)) * gp[t * W + I + i];
+    }
+  });
+  return out;
+}
+
+// Rotary embedding, rotate-half layout, in place on the first `heads` heads of each row of x
+// (T, row) with head size hd: x = x * cos[pos] + roll(x, hd / 2) * sin_signed[pos], where
+// sin_signed carries rotate_half's sign (rotary.py). Queries and keys of a fused qkv in one call.
+void rope_(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin_signed,
+           int64_t heads, int64_t hd) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.stride(-1) == 1 && x.dim() == 2, "rope_: float32 rows");
+  TORCH_CHECK(cos.is_contiguous() && sin_signed.is_contiguous() && cos.size(1) == hd, "rope_: tables");
+  at::Tensor pos = positions.to(at::kLong).contiguous();
+  const int64_t T = x.size(0), stride = x.stride(0), half = hd / 2;
+  TORCH_CHECK(heads * hd <= x.size(1) && hd <= 1024 && hd % 2 == 0, "rope_: heads exceed the row");
+  float* xp = x.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin_signed.data_ptr<float>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  at::parallel_for(0, T * heads, 64, [&](int64_t a, int64_t b) {
+    float tmp[1024];
+    for (int64_t j = a; j < b; ++j) {
+      const int64_t t = j / heads, h = j % heads;
+      float* v = xp + t * stride + h * hd;
+      const float* c = cp + pp[t] * hd;
+      const float* sn = sp + pp[t] * hd;
+      for (int64_t i = 0; i < hd; ++i) tmp[i] = v[i];
+      for (int64_t i = 0; i < hd; ++i) {
+        const float a1 = tmp[i] * c[i], a2 = tmp[(i + half) % hd] * sn[i];
+        v[i] = a1 + a2;
+      }
+    }
+  });
+}
+
+// K and V of a step's tokens into their pool slots (vLLM's reshape_and_cache): one call for both.
+// k, v: (T, KVH * hd) rows, possibly strided views of a fused qkv; pools (num_blocks, bs, KVH, hd).
+void write_kv_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& slots) {
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "write_kv_: float32 only");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k.stride(-1) == 1 && v.stride(-1) == 1,
+              "write_kv_: layouts");
+  at::Tensor sl = slots.to(at::kLong).contiguous();
+  const int64_t T = k.size(0), row = k_cache.size(2) * k_cache.size(3);
+  const int64_t capacity = k_cache.size(0) * k_cache.size(1);
+  TORCH_CHECK(k.numel() == T * row && v.numel() == T * row && sl.numel() == T, "write_kv_: shapes");
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < capacity, "write_kv_: slot out of range");
+    std::memcpy(kc + sp[t] * row, k.data_ptr<float>() + t * k.stride(0), row * sizeof(float));
+    std::memcpy(vc + sp[t] * row, v.data_ptr<float>() + t * v.stride(0), row * sizeof(float));
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tokenmill_cpu, m) {
   m.def("dense_gemv(Tensor x, Tensor w) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, float scale, int sliding_window, Tensor alibi_slopes) -> Tensor");
+  m.def("write_kv_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("rope_(Tensor(a!) x, Tensor positions, Tensor cos, Tensor sin_signed, int heads, int hd) -> ()");
   m.def("gptq_gemv(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size) -> Tensor");
 }
 
@@ -254,4 +355,8 @@ TORCH_LIBRARY_IMPL(tokenmill_cpu, CPU, m) {
   m.impl("dense_gemv", dense_gemv);
   m.impl("gptq_gemv", gptq_gemv);
   m.impl("paged_decode_attention", paged_decode_attention);
+  m.impl("rms_norm", rms_norm);
+  m.impl("write_kv_", write_kv_);
+  m.impl("silu_mul", silu_mul);
+  m.impl("rope_", rope_);
 }

@@ -37,6 +37,8 @@ def cpu_fingerprint() -> str:
 
 def load() -> bool:
     """True when the ops torch.ops.tokenmill_cpu.* are available (building them if needed)."""
+    if "ok" in _state:  # the hot path asks every call: no lock once decided
+        return bool(_state["ok"])
     with _lock:
         if "ok" in _state:
             return bool(_state["ok"])
@@ -61,3 +63,8 @@ def load() -> bool:
                 logger.warning("CPU kernels unavailable (%s); using ATen matmuls", str(e).splitlines()[0][:200])
         _state["ok"] = ok
         return ok
+
+
+def usable(t: torch.Tensor) -> bool:
+    """Whether the fused CPU ops serve this tensor: float32 on the CPU, kernels built."""
+    return t.dtype == torch.float32 and t.device.type == "cpu" and load()

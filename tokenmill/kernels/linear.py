@@ -9,9 +9,10 @@ layer then calls the fastest for the rows it gets, and the choice is logged. `li
 (`--linear-backend`) forces one backend everywhere instead.
 
 The timings are cached on disk, keyed by the CPU, torch version, thread count, shape and dtype,
-so a server restart does not measure again. Candidates are timed over enough copies of a weight
-to exceed the last-level cache: a weight read from cache would flatter every kernel alike and
-hide what decode pays.
+so a server restart does not measure again. Candidates are timed over as many copies of a weight
+as the model's linear weights take in all (up to 64 MiB, more than any last-level cache here):
+a model larger than the cache streams from memory at every step and is timed so, while a small
+one whose weights stay in cache is timed warm, as it will run.
 
 NumPy's OpenBLAS is not a candidate although it streams fast in isolation: its worker threads
 spin after each call and starve torch's OpenMP workers (attention ran 5x slower right after
@@ -38,8 +39,8 @@ logger = logging.getLogger(__name__)
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 BACKEND_NAMES = ("auto", "aten", "onednn", "tokenmill")
 _SMALL_ROWS = 16  # tokenmill's weight-streaming kernel is a candidate up to this many rows
-_STREAM_BYTES = 64 << 20  # weight copies cycled per timing: more than any L3 here
-_CACHE_VERSION = 1
+_STREAM_BYTES = 64 << 20  # most weight bytes cycled per timing: more than any L3 here
+_CACHE_VERSION = 2
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [M, K], weight [N, K]) -> [M, N]
 
@@ -108,8 +109,11 @@ class BackendPicker:
     """Times candidate backends per (shape, bucket) and remembers the answers on disk."""
 
     def __init__(self, backends: dict[str, LinearFn], cache_path: Optional[Path] = None,
-                 timer: Callable[[LinearFn, list[torch.Tensor], int, int], float] = _time_backend) -> None:
+                 timer: Callable[[LinearFn, list[torch.Tensor], int, int], float] = _time_backend,
+                 working_set_bytes: int = _STREAM_BYTES) -> None:
         self.backends = backends
+        # Rounded to a power of two, so models of about the same size share cached timings.
+        self.working_set = 1 << max(20, min(_STREAM_BYTES, working_set_bytes).bit_length() - 1)
         self.timer = timer
         self.cache_path = cache_path
         self.cache: dict[str, dict[str, float]] = {}
@@ -122,7 +126,8 @@ class BackendPicker:
                 logger.warning("ignoring unreadable linear-backend cache %s", cache_path)
 
     def _key(self, n: int, k: int, dtype: torch.dtype, rows: int) -> str:
-        return f"{cpu_ops.cpu_fingerprint()}|{torch.__version__}|t{torch.get_num_threads()}|{n}x{k}|{dtype}|m{rows}"
+        return (f"{cpu_ops.cpu_fingerprint()}|{torch.__version__}|t{torch.get_num_threads()}|ws{self.working_set >> 20}"
+                f"|{n}x{k}|{dtype}|m{rows}")
 
     def timings(self, n: int, k: int, dtype: torch.dtype) -> dict[int, dict[str, float]]:
         """Seconds per call of every candidate, per bucket (measured, or from the cache)."""
@@ -137,7 +142,7 @@ class BackendPicker:
                 continue
             if weights is None:
                 elem = torch.finfo(dtype).bits // 8
-                copies = max(1, min(64, _STREAM_BYTES // (n * k * elem)))
+                copies = max(1, min(64, self.working_set // (n * k * elem)))
                 weights = [torch.randn(n, k).to(dtype) for _ in range(copies)]
             # Large buckets are compute-bound and slow to time: fewer copies and passes.
             ws = weights if rows <= 32 else weights[:2]
@@ -188,7 +193,9 @@ def assign_linear_kernels(model: torch.nn.Module, backend: str, device: torch.de
         only = next(iter(backends))
         plans = {s: LinearPlan({b: backends[only] for b in BUCKETS}, {b: only for b in BUCKETS}) for s in shapes}
     else:
-        picker = picker or BackendPicker(backends, default_cache_path())
+        elem = torch.finfo(dtype).bits // 8
+        total = sum(m.weight.numel() for m in linears) * elem
+        picker = picker or BackendPicker(backends, default_cache_path(), working_set_bytes=total)
         t0 = time.perf_counter()
         plans = {s: picker.plan(s[0], s[1], dtype) for s in shapes}
         picker.save()

@@ -98,7 +98,8 @@ class PagedAttention(nn.Module):
 
     @property
     def _in_place(self) -> bool:
-        """Whether decode reads the pool in place through tokenmill's CPU kernel (else gather + SDPA)."""
+        """Whether the pool is read and written in place by tokenmill's CPU kernels (else ATen's
+        index_copy_, gather and SDPA)."""
         flag = getattr(self, "_in_place_flag", None)
         if flag is None:
             cache = self.k_cache
@@ -111,12 +112,19 @@ class PagedAttention(nn.Module):
         """q: [T, H*hd], k/v: [T, KVH*hd] -> [T, H*hd]."""
         ctx = get_attention_context()
         T = q.shape[0]
+        if self.k_cache.numel() and self._in_place and k.dim() == 2 and k.stride(-1) == 1 and v.stride(-1) == 1:
+            torch.ops.tokenmill_cpu.write_kv_(self.k_cache, self.v_cache, k, v, ctx.slot_mapping)
+            written = True
+        else:
+            written = False
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        if self.k_cache.numel():
+        if self.k_cache.numel() and not written:
             self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, k)
             self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, v)
+        if not ctx.prefills and len(ctx.decodes) == 1:  # a decode-only step in one group: no copy out
+            return self._decode(ctx, 0, ctx.decodes[0], q).reshape(T, self.num_heads * self.head_dim)
         out = torch.empty_like(q)
         for gi, g in enumerate(ctx.decodes):
             sl = slice(g.start, g.start + g.context_lens.shape[0])

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tokenmill.kernels import cpu_ops
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
@@ -12,6 +14,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_ops.usable(x):  # one fused call instead of six ATen ops
+            return torch.ops.tokenmill_cpu.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)

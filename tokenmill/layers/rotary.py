@@ -7,6 +7,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from tokenmill.kernels import cpu_ops
 from tokenmill.layers.attention import step_cached
 
 
@@ -56,6 +57,14 @@ class RotaryEmbedding(nn.Module):
         # so a rotation is one roll and two multiplies (bitwise what transformers computes).
         sign = torch.cat([-torch.ones(self.head_dim // 2), torch.ones(self.head_dim // 2)])
         self.register_buffer("sin", (emb.sin() * sign).to(device=device, dtype=self.dtype), persistent=False)
+
+    def rotate_(self, positions: torch.Tensor, rows: torch.Tensor, heads: int) -> bool:
+        """Rotate the first `heads` heads of each row of rows [T, W] in place, in one fused call,
+        where the CPU kernels serve it; False (nothing done) elsewhere."""
+        if not (cpu_ops.usable(rows) and self.cos.dtype == torch.float32 and rows.stride(-1) == 1):
+            return False
+        torch.ops.tokenmill_cpu.rope_(rows, positions, self.cos, self.sin, heads, self.head_dim)
+        return True
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x: [T, heads, hd] (queries and keys together) rotated by their positions [T].

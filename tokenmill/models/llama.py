@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenmill.kernels import cpu_ops
 from tokenmill.layers.attention import PagedAttention
 from tokenmill.distributed.parallel_state import local_heads
 from tokenmill.layers.linear import MergedLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
@@ -67,9 +68,13 @@ class LlamaAttention(nn.Module):
         T = x.shape[0]
         qkv = self.qkv_proj(x)
         # Queries and keys are rotated together: (T, H + KVH, hd) is a view of the fused output.
-        qk = self.rotary_emb(positions, qkv[:, :self.q_size + self.kv_size].view(T, -1, self.head_dim))
-        qk = qk.view(T, self.q_size + self.kv_size)
-        o = self.attn(qk[:, :self.q_size], qk[:, self.q_size:], qkv[:, self.q_size + self.kv_size:])
+        if self.rotary_emb.rotate_(positions, qkv, self.num_heads + self.num_kv_heads):
+            qk = qkv
+        else:
+            qk = self.rotary_emb(positions, qkv[:, :self.q_size + self.kv_size].view(T, -1, self.head_dim))
+            qk = qk.view(T, self.q_size + self.kv_size)
+        qs, kvs = self.q_size, self.kv_size
+        o = self.attn(qk[:, :qs], qk[:, qs:qs + kvs], qkv[:, qs + kvs:])
         return self.o_proj(o)
 
 
@@ -84,7 +89,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if cpu_ops.usable(gate_up):
+            return self.down_proj(torch.ops.tokenmill_cpu.silu_mul(gate_up))
+        gate, up = gate_up.split(self.inter, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
