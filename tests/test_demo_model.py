@@ -51,3 +51,30 @@ def test_cli_generate_streams_demo_model():
     llm_text = LLM(DEMO_MODEL).generate("The Python interpreter", SamplingParams(temperature=0, max_tokens=16),
                                         use_tqdm=False)[0].outputs[0].text
     assert r.stdout.strip() == llm_text.strip()
+
+
+def test_output_kinds_carry_the_same_completion():
+    """DELTA pieces add up to the CUMULATIVE output; FINAL_ONLY yields only the finished one."""
+    from tokenmill.cli import DEMO_MODEL
+    from tokenmill.sampling_params import RequestOutputKind
+
+    llm = LLM(DEMO_MODEL, dtype="float32")
+    engine = llm.llm_engine
+    base = dict(temperature=0.8, seed=3, max_tokens=40, n=2, logprobs=2, stop=["\n\n"])
+    per_kind = {}
+    for kind in RequestOutputKind:
+        rid = engine.add_request("def add(a, b):", SamplingParams(output_kind=kind, **base))
+        seen = []
+        while engine.has_unfinished_requests():
+            seen += [o for o in engine.step() if o.request_id == rid]
+        per_kind[kind] = seen
+    final = per_kind[RequestOutputKind.CUMULATIVE][-1]
+    assert len(per_kind[RequestOutputKind.FINAL_ONLY]) == 1 and per_kind[RequestOutputKind.FINAL_ONLY][0].finished
+    for c_final, c_only in zip(final.outputs, per_kind[RequestOutputKind.FINAL_ONLY][0].outputs):
+        assert (c_only.text, c_only.token_ids) == (c_final.text, c_final.token_ids)
+    for i, c_final in enumerate(final.outputs):
+        pieces = [o.outputs[i] for o in per_kind[RequestOutputKind.DELTA]]
+        assert "".join(p.text for p in pieces) == c_final.text
+        assert [t for p in pieces for t in p.token_ids] == c_final.token_ids
+        assert [lp for p in pieces for lp in p.logprobs] == c_final.logprobs
+        assert pieces[-1].finish_reason == c_final.finish_reason

@@ -1,6 +1,7 @@
 """The offline API, mirroring vLLM's `LLM` so users' code carries over."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Optional, Sequence, Union
 
@@ -9,7 +10,7 @@ from tqdm import tqdm
 from tokenmill.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from tokenmill.engine.llm_engine import LLMEngine, PromptType
 from tokenmill.outputs import RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ class LLM:
         ids = []
         try:
             for p, sp in zip(prompts, params):
+                if isinstance(sp, SamplingParams):  # only the final output is read here (as vLLM does)
+                    sp = dataclasses.replace(sp, output_kind=RequestOutputKind.FINAL_ONLY)
                 ids.append(engine.add_request(p, sp))
         except ValueError:
             engine.abort_request(ids)

@@ -1,10 +1,19 @@
 """Sampling parameters, mirroring vLLM's `SamplingParams` names and defaults."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 _GREEDY_EPS = 1e-5
+
+
+class RequestOutputKind(enum.Enum):
+    """What each RequestOutput of a running request carries (vLLM's names)."""
+
+    CUMULATIVE = 0  # everything so far, every step
+    DELTA = 1  # only what is new since the previous output (streams)
+    FINAL_ONLY = 2  # nothing until the request finishes (LLM.generate)
 
 
 @dataclass
@@ -25,6 +34,8 @@ class SamplingParams:
         ignore_eos: keep generating past EOS.
         logprobs: top-N logprobs per generated token (the sampled token is always included).
         prompt_logprobs: top-N logprobs per prompt token.
+        output_kind: CUMULATIVE (default), DELTA or FINAL_ONLY: DELTA and FINAL_ONLY spare the
+            engine rebuilding every request's whole output each step.
     """
 
     n: int = 1
@@ -45,6 +56,7 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -88,6 +100,8 @@ class SamplingParams:
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise bad("output_kind", "a RequestOutputKind")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 0):

@@ -61,8 +61,11 @@ class IncrementalDetokenizer:
             self.text += new_text[len(prefix_text):]
         self.prefix_offset = self.read_offset = len(self.ids)
 
-    def visible_text(self, finished: bool) -> str:
-        """The text safe to show: while running, minus a possible stop-string prefix."""
+    def visible_len(self, finished: bool) -> int:
+        """How much of `text` is safe to show: while running, not a possible stop-string prefix."""
         if finished or self.holdback == 0:
-            return self.text
-        return self.text[: max(0, len(self.text) - self.holdback)]
+            return len(self.text)
+        return max(0, len(self.text) - self.holdback)
+
+    def visible_text(self, finished: bool) -> str:
+        return self.text[:self.visible_len(finished)]

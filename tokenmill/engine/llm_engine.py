@@ -17,7 +17,7 @@ from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Request
 from tokenmill.engine.stats import EngineStats
 from tokenmill.outputs import CompletionOutput, RequestOutput
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,9 @@ class LLMEngine:
         for rid, req in touched.items():
             if req.seqs[0].num_output_tokens and req.metrics.first_token_time is None:
                 req.metrics.first_token_time = time.time()
-            outputs.append(self._make_output(req))
+            out = self._make_output(req)
+            if out is not None:
+                outputs.append(out)
             if req.finished:
                 self.requests.pop(rid, None)
                 self.stats.num_requests_finished += 1
@@ -237,13 +239,27 @@ class LLMEngine:
         return dict(mbu=m.mbu(recent), mfu=m.mfu(recent), flops=m.total_flops, bytes=m.total_bytes,
                     busy_seconds=m.total_seconds, peak_flops=m.peak_flops, peak_bandwidth=m.peak_bandwidth)
 
-    def _make_output(self, req: Request) -> RequestOutput:
+    def _make_output(self, req: Request) -> Optional[RequestOutput]:
+        """The request's output for this step as its output_kind asks; None for FINAL_ONLY
+        while running. NOTE: CUMULATIVE copies every token so far, so a long output costs
+        O(length) each step; DELTA and FINAL_ONLY keep host work per step O(new tokens)."""
+        kind = req.params.output_kind
+        if kind is RequestOutputKind.FINAL_ONLY and not req.finished:
+            return None
         outs = []
         for seq in req.seqs:
-            text = seq.detokenizer.visible_text(seq.is_finished) if seq.detokenizer else ""
+            detok = seq.detokenizer
+            visible = detok.visible_len(seq.is_finished) if detok else 0
+            if kind is RequestOutputKind.DELTA:
+                first_tok, first_char = seq.sent_tokens, seq.sent_chars
+                seq.sent_tokens, seq.sent_chars = seq.num_output_tokens, visible
+            else:
+                first_tok = first_char = 0
+            text = detok.text[first_char:visible] if detok else ""
+            logprobs = seq.logprobs[first_tok:] if seq.logprobs is not None else None  # a snapshot, not the live list
             outs.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=list(seq.output_token_ids),
+                index=seq.index, text=text, token_ids=seq.token_ids[seq.num_prompt_tokens + first_tok:],
                 cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
-                logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+                logprobs=logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, req.prompt_logprobs,
                              outs, req.finished, req.metrics)

@@ -54,6 +54,9 @@ class Sequence:
         self.stop_reason: Optional[int | str] = None
         self.detokenizer: Optional[IncrementalDetokenizer] = None
         self.num_preemptions = 0
+        # What earlier DELTA outputs carried: output tokens and characters of text.
+        self.sent_tokens = 0
+        self.sent_chars = 0
 
     @property
     def num_tokens(self) -> int:

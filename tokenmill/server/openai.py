@@ -30,6 +30,21 @@ class Job:
     first_choice: int  # index of this job's first choice in the response
 
 
+def _accumulate(acc: dict[int, CompletionOutput], delta: RequestOutput) -> RequestOutput:
+    """Fold a DELTA output into the job's running totals (mutated in place) and return them."""
+    for c in delta.outputs:
+        a = acc.get(c.index)
+        if a is None:
+            a = acc[c.index] = CompletionOutput(c.index, "", [], None, [] if c.logprobs is not None else None)
+        a.text += c.text
+        a.token_ids.extend(c.token_ids)
+        if c.logprobs is not None and a.logprobs is not None:
+            a.logprobs.extend(c.logprobs)
+        a.cumulative_logprob, a.finish_reason, a.stop_reason = c.cumulative_logprob, c.finish_reason, c.stop_reason
+    return RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids, delta.prompt_logprobs,
+                         [acc[i] for i in sorted(acc)], delta.finished, delta.metrics)
+
+
 class OpenAIServing:
     def __init__(self, admission: Admission) -> None:
         self.admission = admission
@@ -92,11 +107,14 @@ class OpenAIServing:
 
     # -- running and formatting -----------------------------------------------------------
     async def _run(self, job: Job, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-        """The engine's outputs for one job, with latency metrics recorded on the way."""
+        """The engine's outputs for one job, cumulative (the engine sends deltas, accumulated here
+        in O(new tokens) per step), with latency metrics recorded on the way."""
         start = last = time.monotonic()
         tokens, finished = 0, False
+        acc: dict[int, CompletionOutput] = {}
         try:
-            async for out in outputs:
+            async for delta in outputs:
+                out = _accumulate(acc, delta)
                 now = time.monotonic()
                 n = sum(len(c.token_ids) for c in out.outputs)
                 if n > tokens:

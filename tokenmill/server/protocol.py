@@ -5,7 +5,7 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
@@ -58,7 +58,9 @@ class _SamplingFields(BaseModel):
                 seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
                 stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
                 skip_special_tokens=self.skip_special_tokens,
-                include_stop_str_in_output=self.include_stop_str_in_output)
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                # The engine sends only what is new each step; the handler accumulates it.
+                output_kind=RequestOutputKind.DELTA)
         except ValueError as e:
             param = str(e).split(" ", 1)[0]
             raise BadRequest(str(e), param=param if param.isidentifier() else None) from e
