@@ -25,8 +25,8 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint16_t v16h __attribute__((vector_size(32)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
 
-constexpr int kMaxRows = 8;
-constexpr int kPrefetchBytes = 2048;  // x rows accumulated per pass over a weight row (registers)
+constexpr int kMaxRows = 8;  // x rows accumulated per pass over the weights (registers)
+constexpr int kPrefetchTiles = 4;  // how far ahead the dense kernel prefetches, in row tiles
 
 inline v16f load16(const float* p) { v16f v; std::memcpy(&v, p, sizeof v); return v; }
 inline v16f load16(const c10::BFloat16* p) {
@@ -52,8 +52,10 @@ void dense_rows(const float* x, const W* w, float* out, int64_t K, int64_t N, in
       v16f wv[R];
       for (int r = 0; r < R; ++r) {
         const W* p = w + (n + r) * K + k;
-        // Hardware prefetchers stop at page boundaries; ask for the stream a little ahead.
-        __builtin_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes);
+        // Ask for the same line of the rows 4 tiles ahead: the tile interleaves R rows, which
+        // the hardware prefetchers follow poorly (measured: 2 KB ahead along the row was slower
+        // than no prefetch, 26 vs 28 GB/s; 4 tiles ahead 29-30 GB/s).
+        __builtin_prefetch(p + kPrefetchTiles * R * K);
         wv[r] = load16(p);
       }
       for (int m = 0; m < MM; ++m) {

@@ -7,6 +7,7 @@ TOKENMILL_CPU_KERNELS=0) `load()` returns False and the callers keep the ATen pa
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -24,6 +25,7 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_fingerprint() -> str:
     text = platform.machine()
     try:
@@ -33,6 +35,12 @@ def cpu_fingerprint() -> str:
     except OSError:
         pass
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=None)
+def build_id() -> str:
+    """This CPU and this kernel source: what a cached measurement of the kernels depends on."""
+    return f"{cpu_fingerprint()}-{hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:8]}"
 
 
 def load() -> bool:

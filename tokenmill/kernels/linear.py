@@ -126,7 +126,7 @@ class BackendPicker:
                 logger.warning("ignoring unreadable linear-backend cache %s", cache_path)
 
     def _key(self, n: int, k: int, dtype: torch.dtype, rows: int) -> str:
-        return (f"{cpu_ops.cpu_fingerprint()}|{torch.__version__}|t{torch.get_num_threads()}|ws{self.working_set >> 20}"
+        return (f"{cpu_ops.build_id()}|{torch.__version__}|t{torch.get_num_threads()}|ws{self.working_set >> 20}"
                 f"|{n}x{k}|{dtype}|m{rows}")
 
     def timings(self, n: int, k: int, dtype: torch.dtype) -> dict[int, dict[str, float]]:
