@@ -196,3 +196,25 @@ def test_fused_layer_ops_match_reference(hidden, heads, hd):
     assert rope.rotate_(positions, rows, heads)
     torch.testing.assert_close(rows[:, :heads * hd], expected, atol=1e-6, rtol=1e-5)
     assert torch.equal(rows[:, heads * hd:], untouched)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shared_order", [True, False])
+def test_merged_gptq_pieces_share_one_kernel_call_when_they_can(shared_order):
+    from tokenmill.layers.quant_linear import GPTQMergedLinear
+
+    k, sizes = 128, {"q": 64, "k": 32, "v": 32}
+    merged = GPTQMergedLinear(k, sizes, bias=True, bits=4, group_size=32)
+    pieces = {name: _random_gptq(k, n, 4, 32, act_order=True, seed=1 if shared_order else i)
+              for i, (name, n) in enumerate(sizes.items())}
+    if shared_order:  # q/k/v quantized against one input share the act-order permutation
+        for p in pieces.values():
+            p.g_idx.copy_(pieces["q"].g_idx)
+    for name, p in pieces.items():
+        for leaf in ("qweight", "qzeros", "scales", "g_idx", "bias"):
+            getattr(merged.shards[name], leaf).data.copy_(getattr(p, leaf).data)
+    x = torch.randn(3, k)
+    ref = torch.cat([F.linear(x, p.dequantized_weight(torch.float32), p.bias) for p in pieces.values()], dim=-1)
+    torch.testing.assert_close(merged(x), ref, atol=2e-4, rtol=1e-4)
+    assert (merged._merged_kernel() is not None) == shared_order
+    assert not any("_merged" in n for n, _ in merged.named_modules())  # no second copy in the state dict

@@ -123,39 +123,65 @@ at::Tensor dense_gemv(const at::Tensor& x, const at::Tensor& w) {
 constexpr int kStrip = 4;  // int32 vectors of output columns per strip (64 columns)
 constexpr int kQRows = 4;  // x rows per pass (kStrip * kQRows accumulators stay in registers)
 
-void gptq_strip(const float* x, const int32_t* qw, const float* scales, const float* zeros, float* out, int64_t M, int64_t K, int64_t N, int64_t G, int bits, int64_t group_size,
-                int64_t n, int64_t width) {
-  const int per_word = 32 / bits;
-  const int32_t mask = (1 << bits) - 1;
+// One strip of W 16-column vectors for MM rows of x; BITS, MM and W are compile-time so the
+// unpacking unrolls and the MM * W accumulators live in registers.
+template <int BITS, int MM, int W>
+void gptq_strip(const float* x, const int32_t* qw, const float* scales, const float* zeros, float* out,
+                int64_t K, int64_t N, int64_t G, int64_t group_size, int64_t n) {
+  constexpr int per_word = 32 / BITS;
+  constexpr int32_t mask = (1 << BITS) - 1;
   const int64_t rows_per_group = group_size / per_word;
-  for (int64_t m0 = 0; m0 < M; m0 += kQRows) {
-    const int64_t mm = std::min<int64_t>(kQRows, M - m0);
-    v16f total[kQRows][kStrip] = {};
-    for (int64_t g = 0; g < G; ++g) {
-      v16f acc[kQRows][kStrip] = {};
-      v16f zero[kStrip];
-      for (int s = 0; s < width; ++s) zero[s] = load16(zeros + g * N + n + 16 * s);
-      for (int64_t r = 0; r < rows_per_group; ++r) {
-        const int64_t kp = g * rows_per_group + r;
-        v16i q[kStrip];
-        for (int s = 0; s < width; ++s) std::memcpy(&q[s], qw + kp * N + n + 16 * s, 64);
-        for (int j = 0; j < per_word; ++j) {
-          const int64_t k = kp * per_word + j;
-          v16f wf[kStrip];
-          for (int s = 0; s < width; ++s) wf[s] = __builtin_convertvector((q[s] >> (j * bits)) & mask, v16f) - zero[s];
-          for (int64_t m = 0; m < mm; ++m) {
-            const float xv = x[(m0 + m) * K + k];
-            for (int s = 0; s < width; ++s) acc[m][s] += wf[s] * xv;
-          }
+  v16f total[MM][W] = {};
+  for (int64_t g = 0; g < G; ++g) {
+    v16f acc[MM][W] = {};
+    v16f zero[W];
+    for (int s = 0; s < W; ++s) zero[s] = load16(zeros + g * N + n + 16 * s);
+    for (int64_t r = 0; r < rows_per_group; ++r) {
+      const int64_t kp = g * rows_per_group + r;
+      v16i q[W];
+      for (int s = 0; s < W; ++s) std::memcpy(&q[s], qw + kp * N + n + 16 * s, 64);
+      for (int j = 0; j < per_word; ++j) {
+        const int64_t k = kp * per_word + j;
+        v16f wf[W];
+        for (int s = 0; s < W; ++s) wf[s] = __builtin_convertvector((q[s] >> (j * BITS)) & mask, v16f) - zero[s];
+        for (int m = 0; m < MM; ++m) {
+          const float xv = x[m * K + k];
+          for (int s = 0; s < W; ++s) acc[m][s] += wf[s] * xv;
         }
       }
-      for (int s = 0; s < width; ++s) {
-        v16f sc = load16(scales + g * N + n + 16 * s);
-        for (int64_t m = 0; m < mm; ++m) total[m][s] += acc[m][s] * sc;
-      }
     }
-    for (int64_t m = 0; m < mm; ++m)
-      for (int s = 0; s < width; ++s) std::memcpy(out + (m0 + m) * N + n + 16 * s, &total[m][s], 64);
+    for (int s = 0; s < W; ++s) {
+      v16f sc = load16(scales + g * N + n + 16 * s);
+      for (int m = 0; m < MM; ++m) total[m][s] += acc[m][s] * sc;
+    }
+  }
+  for (int m = 0; m < MM; ++m)
+    for (int s = 0; s < W; ++s) std::memcpy(out + m * N + n + 16 * s, &total[m][s], 64);
+}
+
+template <int BITS, int MM>
+void gptq_columns(const float* x, const int32_t* qw, const float* scales, const float* zeros, float* out,
+                  int64_t K, int64_t N, int64_t G, int64_t group_size, int64_t n, int64_t width) {
+  if (width == kStrip) {
+    gptq_strip<BITS, MM, kStrip>(x, qw, scales, zeros, out, K, N, G, group_size, n);
+  } else {  // the last, narrower strip: one 16-column vector at a time
+    for (int64_t s = 0; s < width; ++s)
+      gptq_strip<BITS, MM, 1>(x, qw, scales, zeros, out, K, N, G, group_size, n + 16 * s);
+  }
+}
+
+template <int BITS>
+void gptq_rows(const float* x, const int32_t* qw, const float* scales, const float* zeros, float* out, int64_t M,
+               int64_t K, int64_t N, int64_t G, int64_t group_size, int64_t n, int64_t width) {
+  for (int64_t m0 = 0; m0 < M; m0 += kQRows) {
+    const float* xm = x + m0 * K;
+    float* om = out + m0 * N;
+    switch (std::min<int64_t>(kQRows, M - m0)) {
+      case 1: gptq_columns<BITS, 1>(xm, qw, scales, zeros, om, K, N, G, group_size, n, width); break;
+      case 2: gptq_columns<BITS, 2>(xm, qw, scales, zeros, om, K, N, G, group_size, n, width); break;
+      case 3: gptq_columns<BITS, 3>(xm, qw, scales, zeros, om, K, N, G, group_size, n, width); break;
+      default: gptq_columns<BITS, 4>(xm, qw, scales, zeros, om, K, N, G, group_size, n, width); break;
+    }
   }
 }
 
@@ -173,8 +199,13 @@ at::Tensor gptq_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
     for (int64_t s = s0; s < s1; ++s) {
       const int64_t n = s * 16 * kStrip;
       const int64_t width = std::min<int64_t>(kStrip, (N - n) / 16);
-      gptq_strip(xc.data_ptr<float>(), qc.data_ptr<int32_t>(), sc.data_ptr<float>(), zc.data_ptr<float>(),
-                 out.data_ptr<float>(), M, K, N, G, bits, group_size, n, width);
+      const float* xp = xc.data_ptr<float>();
+      const int32_t* qp = qc.data_ptr<int32_t>();
+      const float *sp = sc.data_ptr<float>(), *zp = zc.data_ptr<float>();
+      float* op = out.data_ptr<float>();
+      if (bits == 4) gptq_rows<4>(xp, qp, sp, zp, op, M, K, N, G, group_size, n, width);
+      else if (bits == 8) gptq_rows<8>(xp, qp, sp, zp, op, M, K, N, G, group_size, n, width);
+      else gptq_rows<2>(xp, qp, sp, zp, op, M, K, N, G, group_size, n, width);
     }
   });
   return out;

@@ -182,8 +182,43 @@ class GPTQMergedLinear(nn.Module):
         self.shards = nn.ModuleDict({str(k): GPTQLinear(in_features, n, bias, bits, group_size, specs.get(k))
                                      for k, n in shard_sizes.items()})
         self.shard_names = [str(k) for k in shard_sizes]
+        self._merged: Optional[Union[GPTQLinear, bool]] = None  # built on first use, after loading
+
+    def _merged_kernel(self) -> Optional[GPTQLinear]:
+        """One GPTQLinear over all pieces, when they can share a kernel call: every piece on the
+        packed kernel with the same bits, groups and row order (q/k/v and gate/up quantized
+        against the same input have the same act-order permutation). Built once."""
+        if self._merged is None:
+            shards = list(self.shards.values())
+            fasts = [m._fast if m._fast is not None else (m._prepare_fast_path() or {}) for m in shards]
+            for m, f in zip(shards, fasts):
+                m._fast = f
+            first = fasts[0]
+            same = all("kernel_qweight" in f for f in fasts) and all(
+                m.bits == shards[0].bits and m.group_size == shards[0].group_size and m.tp_size == 1
+                and ("perm" in f) == ("perm" in first) and ("perm" not in f or torch.equal(f["perm"], first["perm"]))
+                for m, f in zip(shards, fasts))
+            self._merged = False
+            if same:
+                merged = GPTQLinear.__new__(GPTQLinear)
+                nn.Module.__init__(merged)
+                merged.in_features, merged.out_features = shards[0].in_features, sum(m.out_features for m in shards)
+                merged.bits, merged.group_size, merged.tp_size = shards[0].bits, shards[0].group_size, 1
+                biases = [m.bias for m in shards]
+                merged.bias = None if biases[0] is None else nn.Parameter(torch.cat(biases), requires_grad=False)
+                merged._fast = {k: torch.cat([f[k] for f in fasts], dim=1).contiguous()
+                                for k in ("kernel_qweight", "kernel_scales", "kernel_zeros")}
+                if "perm" in first:
+                    merged._fast["perm"] = first["perm"]
+                # NOTE: not a registered submodule (no second copy in state_dict or the weight
+                # count); its packed copy costs another eighth of float32's bytes at 4 bits.
+                object.__setattr__(self, "_merged", merged)
+        return self._merged or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        merged = self._merged_kernel()
+        if merged is not None and x.numel() <= _KERNEL_MAX_ROWS * merged.in_features:
+            return merged(x)  # one kernel call for q/k/v (or gate/up) instead of one per piece
         return torch.cat([m(x) for m in self.shards.values()], dim=-1)
 
     def shard_tensor(self, leaf: str, t: torch.Tensor, shard_id: Union[str, int]) -> torch.Tensor:
