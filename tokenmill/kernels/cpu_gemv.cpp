@@ -34,7 +34,13 @@ inline v16f load16(const c10::BFloat16* p) {
   v16u u = __builtin_convertvector(h, v16u) << 16;  // bf16 is the top half of an fp32
   v16f f; std::memcpy(&f, &u, sizeof f); return f;
 }
-inline float hsum(v16f v) { float s = 0; for (int i = 0; i < 16; ++i) s += v[i]; return s; }
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+inline float hsum(v16f v) {  // a tree of shuffles, not 15 dependent scalar adds
+  v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
 inline float to_f(float v) { return v; }
 inline float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
 
@@ -245,29 +251,35 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
       const float slope = alibi ? slopes.data_ptr<float>()[h] : 0.f;
       scores.resize(L - start);
       float mx = -INFINITY;
-      for (int64_t t = start; t < L; ++t) {
-        const int64_t block = btp[d * width + t / bs];
+      // Walk the block table block by block: no division per token.
+      for (int64_t t = start; t < L;) {
+        const int64_t block = btp[d * width + t / bs], end = std::min(L, (t / bs + 1) * bs);
         const float* kv = kp + (block * bs + t % bs) * tok_stride + kvh * hd;
-        v16f acc = {};
-        int64_t e = 0;
-        for (; e < hd16; e += 16) acc += load16(qv + e) * load16(kv + e);
-        float sc = hsum(acc);
-        for (; e < hd; ++e) sc += qv[e] * kv[e];
-        sc = sc * static_cast<float>(scale) + slope * static_cast<float>(t);
-        scores[t - start] = sc;
-        mx = std::max(mx, sc);
+        for (; t < end; ++t, kv += tok_stride) {
+          v16f acc = {};
+          int64_t e = 0;
+          for (; e < hd16; e += 16) acc += load16(qv + e) * load16(kv + e);
+          float sc = hsum(acc);
+          for (; e < hd; ++e) sc += qv[e] * kv[e];
+          sc = sc * static_cast<float>(scale) + slope * static_cast<float>(t);
+          scores[t - start] = sc;
+          mx = std::max(mx, sc);
+        }
       }
       float denom = 0.f;
       for (auto& sc : scores) { sc = std::exp(sc - mx); denom += sc; }
+      const float inv = 1.0f / denom;
       float* o = op + (d * H + h) * hd;
       std::fill(o, o + hd, 0.f);
-      for (int64_t t = start; t < L; ++t) {
-        const int64_t block = btp[d * width + t / bs];
+      for (int64_t t = start; t < L;) {
+        const int64_t block = btp[d * width + t / bs], end = std::min(L, (t / bs + 1) * bs);
         const float* vv = vp + (block * bs + t % bs) * tok_stride + kvh * hd;
-        const float p = scores[t - start] / denom;
-        int64_t e = 0;
-        for (; e < hd16; e += 16) { v16f ov = load16(o + e) + load16(vv + e) * p; std::memcpy(o + e, &ov, 64); }
-        for (; e < hd; ++e) o[e] += p * vv[e];
+        for (; t < end; ++t, vv += tok_stride) {
+          const float p = scores[t - start] * inv;
+          int64_t e = 0;
+          for (; e < hd16; e += 16) { v16f ov = load16(o + e) + load16(vv + e) * p; std::memcpy(o + e, &ov, 64); }
+          for (; e < hd; ++e) o[e] += p * vv[e];
+        }
       }
     }
   });
