@@ -30,6 +30,17 @@ logger = logging.getLogger(__name__)
 _KERNEL_MAX_ROWS = 16
 
 
+def _packed_kernel(x: torch.Tensor, fast: dict[str, torch.Tensor], bits: int, group_size: int) -> torch.Tensor:
+    """x @ W for packed W (`fast`'s kernel_* operands, rows sorted by group): one kernel call."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if "perm" in fast:  # act-order: the input follows the rows' sorted order
+        x2 = x2.index_select(-1, fast["perm"])
+    out = torch.ops.tokenmill_cpu.gptq_gemv(x2.float(), fast["kernel_qweight"], fast["kernel_scales"],
+                                             fast["kernel_zeros"], bits, group_size)
+    return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
+
+
 class GPTQLinear(nn.Module):
     """A GPTQ linear, possibly one tensor-parallel rank's slice of it (`spec`, from the float layer
     it replaces): column slices cut the packed output columns; row slices cut the input rows on
@@ -144,12 +155,7 @@ class GPTQLinear(nn.Module):
             return out if self.tp_size == 1 else self._reduce(out)
         K, N = self.in_features, self.out_features
         if "kernel_qweight" in f and x.numel() <= _KERNEL_MAX_ROWS * K:
-            x2 = x.reshape(-1, K)
-            if "perm" in f:
-                x2 = x2.index_select(-1, f["perm"])
-            out = torch.ops.tokenmill_cpu.gptq_gemv(x2.float(), f["kernel_qweight"], f["kernel_scales"],
-                                                     f["kernel_zeros"], self.bits, self.group_size)
-            out = out.to(x.dtype).view(*x.shape[:-1], N)
+            out = _packed_kernel(x, f, self.bits, self.group_size)
             if self.tp_size > 1:
                 return self._reduce(out)
             return out + self.bias if self.bias is not None else out
@@ -182,43 +188,39 @@ class GPTQMergedLinear(nn.Module):
         self.shards = nn.ModuleDict({str(k): GPTQLinear(in_features, n, bias, bits, group_size, specs.get(k))
                                      for k, n in shard_sizes.items()})
         self.shard_names = [str(k) for k in shard_sizes]
-        self._merged: Optional[Union[GPTQLinear, bool]] = None  # built on first use, after loading
+        self._merged: Optional[dict[str, torch.Tensor]] = None  # built on first use, after loading
 
-    def _merged_kernel(self) -> Optional[GPTQLinear]:
-        """One GPTQLinear over all pieces, when they can share a kernel call: every piece on the
-        packed kernel with the same bits, groups and row order (q/k/v and gate/up quantized
-        against the same input have the same act-order permutation). Built once."""
+    def _merged_kernel(self) -> Optional[dict[str, torch.Tensor]]:
+        """The pieces' kernel operands side by side, when one kernel call can serve them all:
+        every piece on the packed kernel with the same bits, groups and row order (q/k/v and
+        gate/up quantized against the same input share the act-order permutation). Built once;
+        the concatenated copy costs another eighth of float32's bytes at 4 bits."""
         if self._merged is None:
             shards = list(self.shards.values())
-            fasts = [m._fast if m._fast is not None else (m._prepare_fast_path() or {}) for m in shards]
-            for m, f in zip(shards, fasts):
-                m._fast = f
-            first = fasts[0]
-            same = all("kernel_qweight" in f for f in fasts) and all(
-                m.bits == shards[0].bits and m.group_size == shards[0].group_size and m.tp_size == 1
-                and ("perm" in f) == ("perm" in first) and ("perm" not in f or torch.equal(f["perm"], first["perm"]))
-                for m, f in zip(shards, fasts))
-            self._merged = False
+            for m in shards:
+                if m._fast is None:
+                    m._fast = m._prepare_fast_path() or {}
+            first, lead = shards[0]._fast, shards[0]
+            same = all("kernel_qweight" in m._fast and m.bits == lead.bits and m.group_size == lead.group_size
+                       and m.tp_size == 1 and ("perm" in m._fast) == ("perm" in first)
+                       and ("perm" not in first or torch.equal(m._fast["perm"], first["perm"])) for m in shards)
+            self._merged = {}
             if same:
-                merged = GPTQLinear.__new__(GPTQLinear)
-                nn.Module.__init__(merged)
-                merged.in_features, merged.out_features = shards[0].in_features, sum(m.out_features for m in shards)
-                merged.bits, merged.group_size, merged.tp_size = shards[0].bits, shards[0].group_size, 1
-                biases = [m.bias for m in shards]
-                merged.bias = None if biases[0] is None else nn.Parameter(torch.cat(biases), requires_grad=False)
-                merged._fast = {k: torch.cat([f[k] for f in fasts], dim=1).contiguous()
+                self._merged = {k: torch.cat([m._fast[k] for m in shards], dim=1).contiguous()
                                 for k in ("kernel_qweight", "kernel_scales", "kernel_zeros")}
                 if "perm" in first:
-                    merged._fast["perm"] = first["perm"]
-                # NOTE: not a registered submodule (no second copy in state_dict or the weight
-                # count); its packed copy costs another eighth of float32's bytes at 4 bits.
-                object.__setattr__(self, "_merged", merged)
+                    self._merged["perm"] = first["perm"]
+                if lead.bias is not None:
+                    self._merged["bias"] = torch.cat([m.bias.detach() for m in shards])
         return self._merged or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         merged = self._merged_kernel()
-        if merged is not None and x.numel() <= _KERNEL_MAX_ROWS * merged.in_features:
-            return merged(x)  # one kernel call for q/k/v (or gate/up) instead of one per piece
+        lead = next(iter(self.shards.values()))
+        if merged is not None and x.numel() <= _KERNEL_MAX_ROWS * lead.in_features:
+            # One kernel call for q/k/v (or gate/up) instead of one per piece and a cat.
+            out = _packed_kernel(x, merged, lead.bits, lead.group_size)
+            return out + merged["bias"] if "bias" in merged else out
         return torch.cat([m(x) for m in self.shards.values()], dim=-1)
 
     def shard_tensor(self, leaf: str, t: torch.Tensor, shard_id: Union[str, int]) -> torch.Tensor:
