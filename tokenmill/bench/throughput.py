@@ -68,6 +68,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--single-stream-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/tokenmill/bench"))
+    p.add_argument("--quantized", action="append", default=[], metavar="FOLDER",
+                   help="a GPTQ checkpoint of the same model (tokenmill quantize) to run as another row (repeatable)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
 
 
@@ -164,13 +166,15 @@ def run(args: argparse.Namespace) -> int:
     work = _workload(args, vocab)
     bandwidth = measure_read_bandwidth()
     tm = _run_tokenmill(model, args, work, bandwidth)
+    quantized = {Path(q).name: _run_tokenmill(q, args, work, bandwidth) for q in args.quantized}
     hf = _run_transformers(model, args, work)
     bound = bandwidth / tm["weight_bytes"]
     result = dict(model=model, dtype=args.dtype, num_prompts=args.num_prompts, input_len=args.input_len,
                   output_len=args.output_len, threads=torch.get_num_threads(), tokenmill=tm, transformers=hf,
                   throughput_ratio=tm["output_tokens_per_s"] / hf["output_tokens_per_s"],
                   read_bandwidth_gb_s=bandwidth / 1e9, decode_bound_tokens_per_s=bound,
-                  single_stream_fraction_of_bound=tm["single_stream_decode_tokens_per_s"] / bound)
+                  single_stream_fraction_of_bound=tm["single_stream_decode_tokens_per_s"] / bound,
+                  quantized=quantized)
     print(f"\nmodel {model} ({tm['weight_bytes'] / 1e6:.0f} MB of weights, {args.dtype}), "
           f"{args.num_prompts} prompts, input {args.input_len}, output {args.output_len}, "
           f"{torch.get_num_threads()} threads")
@@ -179,6 +183,10 @@ def run(args: argparse.Namespace) -> int:
                        ("single_stream_decode_tokens_per_s", "single-stream decode tok/s")):
         ratio = tm[key] / hf[key] if key != "elapsed_s" else hf[key] / tm[key]
         print(f"{label:32}{hf[key]:>14.2f}{tm[key]:>14.2f}{ratio:>8.2f}x")
+    for name, q in quantized.items():  # the same workload on a GPTQ checkpoint of the same model
+        for key, label in (("output_tokens_per_s", "output tokens/s"),
+                           ("single_stream_decode_tokens_per_s", "single-stream decode tok/s")):
+            print(f"{(name + ' ' + label)[:31]:32}{hf[key]:>14.2f}{q[key]:>14.2f}{q[key] / hf[key]:>8.2f}x")
     print(f"memory read bandwidth (probe): {bandwidth / 1e9:.1f} GB/s -> decode bound {bound:.1f} tok/s; "
           f"tokenmill single stream at {100 * result['single_stream_fraction_of_bound']:.0f}% of it")
     print(f"tokenmill during the run: MBU {100 * tm['mbu']:.0f}% of {tm['peak_bandwidth'] / 1e9:.1f} GB/s, "

@@ -341,6 +341,11 @@ void rope_(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, co
   at::Tensor pos = positions.to(at::kLong).contiguous();
   const int64_t T = x.size(0), stride = x.stride(0), half = hd / 2;
   TORCH_CHECK(heads * hd <= x.size(1) && hd <= 1024 && hd % 2 == 0, "rope_: heads exceed the row");
+  TORCH_CHECK(pos.numel() == x.size(0) && sin_signed.sizes() == cos.sizes(), "rope_: positions or tables");
+  for (int64_t t = 0; t < pos.numel(); ++t) {
+    const int64_t p = pos.data_ptr<int64_t>()[t];
+    TORCH_CHECK(p >= 0 && p < cos.size(0), "rope_: position ", p, " beyond the rotary table");
+  }
   float* xp = x.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin_signed.data_ptr<float>();
