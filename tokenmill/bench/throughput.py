@@ -178,15 +178,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nmodel {model} ({tm['weight_bytes'] / 1e6:.0f} MB of weights, {args.dtype}), "
           f"{args.num_prompts} prompts, input {args.input_len}, output {args.output_len}, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'':32}{'transformers':>14}{'tokenmill':>14}{'ratio':>9}")
+    print(f"{'':44}{'transformers':>14}{'tokenmill':>14}{'ratio':>9}")
     for key, label in (("output_tokens_per_s", "output tokens/s"), ("elapsed_s", "elapsed s"),
                        ("single_stream_decode_tokens_per_s", "single-stream decode tok/s")):
         ratio = tm[key] / hf[key] if key != "elapsed_s" else hf[key] / tm[key]
-        print(f"{label:32}{hf[key]:>14.2f}{tm[key]:>14.2f}{ratio:>8.2f}x")
+        print(f"{label:44}{hf[key]:>14.2f}{tm[key]:>14.2f}{ratio:>8.2f}x")
     for name, q in quantized.items():  # the same workload on a GPTQ checkpoint of the same model
         for key, label in (("output_tokens_per_s", "output tokens/s"),
                            ("single_stream_decode_tokens_per_s", "single-stream decode tok/s")):
-            print(f"{(name + ' ' + label)[:31]:32}{hf[key]:>14.2f}{q[key]:>14.2f}{q[key] / hf[key]:>8.2f}x")
+            print(f"{(name + ' ' + label)[:43]:44}{hf[key]:>14.2f}{q[key]:>14.2f}{q[key] / hf[key]:>8.2f}x")
     print(f"memory read bandwidth (probe): {bandwidth / 1e9:.1f} GB/s -> decode bound {bound:.1f} tok/s; "
           f"tokenmill single stream at {100 * result['single_stream_fraction_of_bound']:.0f}% of it")
     print(f"tokenmill during the run: MBU {100 * tm['mbu']:.0f}% of {tm['peak_bandwidth'] / 1e9:.1f} GB/s, "
