@@ -126,7 +126,8 @@ class BackendPicker:
                 logger.warning("ignoring unreadable linear-backend cache %s", cache_path)
 
     def _key(self, n: int, k: int, dtype: torch.dtype, rows: int) -> str:
-        return (f"{cpu_ops.build_id()}|{torch.__version__}|t{torch.get_num_threads()}|ws{self.working_set >> 20}"
+        thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")  # huge pages change what streaming costs
+        return (f"{cpu_ops.build_id()}|{torch.__version__}|t{torch.get_num_threads()}|thp{thp}|ws{self.working_set >> 20}"
                 f"|{n}x{k}|{dtype}|m{rows}")
 
     def timings(self, n: int, k: int, dtype: torch.dtype) -> dict[int, dict[str, float]]:
