@@ -152,25 +152,37 @@ def test_prompt_list_is_scheduled_in_one_step(make_checkpoint):
 @pytest.mark.parametrize("heads,kv_heads,hd,window,alibi", [(4, 2, 16, None, False), (6, 1, 20, 5, False),
                                                            (3, 3, 32, None, True), (8, 4, 64, 9, True)])
 @pytest.mark.parametrize("block_size", [1, 7, 16])
-def test_in_place_decode_attention_matches_gather_path(heads, kv_heads, hd, window, alibi, block_size):
-    from tokenmill.layers.attention import AttentionContext, DecodeGroup, PagedAttention
+def test_one_call_step_attention_matches_gather_path(heads, kv_heads, hd, window, alibi, block_size):
+    """Decodes and prefill chunks (fresh, and continuing earlier chunks) in one kernel call per
+    layer, reading the pool in place, against the per-group / per-chunk SDPA path."""
+    from tokenmill.layers.attention import AttentionContext, PagedAttention, set_attention_context
 
     torch.manual_seed(heads * hd + block_size)
     slopes = [0.5 ** (i + 1) for i in range(heads)] if alibi else None
-    attn = PagedAttention(heads, kv_heads, hd, hd ** -0.5, sliding_window=window, alibi_slopes=slopes)
-    num_blocks = 40
-    attn.k_cache = torch.randn(num_blocks, block_size, kv_heads, hd)
-    attn.v_cache = torch.randn(num_blocks, block_size, kv_heads, hd)
-    lens = torch.tensor([1, 3, block_size + 2, 2 * block_size + 1])
-    width = int(-(-lens.max() // block_size))
-    tables = torch.stack([torch.randperm(num_blocks)[:width] for _ in lens])  # blocks scattered over the pool
-    group = DecodeGroup(0, tables, lens)
-    q = torch.randn(len(lens), heads, hd)
-    attn._in_place_flag = True
-    got = attn._decode(AttentionContext(torch.empty(0), [group]), 0, group, q)
-    attn._in_place_flag = False
-    ref = attn._decode(AttentionContext(torch.empty(0), [group]), 0, group, q)
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    # Three decodes, then a fresh 19-token prompt and a 21-token chunk after 2 * block_size + 3 tokens.
+    computed = [0, 2, block_size + 1, 0, 2 * block_size + 3]
+    query_lens = [1, 1, 1, 19, 21]
+    context = [c + n for c, n in zip(computed, query_lens)]
+    width = max(-(-c // block_size) for c in context)
+    num_blocks = width * len(context) + 7
+    tables = torch.randperm(num_blocks)[:width * len(context)].view(len(context), width)  # scattered, disjoint
+    positions = torch.cat([torch.arange(c, c + n) for c, n in zip(computed, query_lens)])
+    seq_of = torch.repeat_interleave(torch.arange(len(context)), torch.tensor(query_lens))
+    slots = tables[seq_of, positions // block_size] * block_size + positions % block_size
+    T = len(positions)
+    q, k, v = torch.randn(T, heads * hd), torch.randn(T, kv_heads * hd), torch.randn(T, kv_heads * hd)
+    outs, pool = [], (torch.randn(num_blocks, block_size, kv_heads, hd), torch.randn(num_blocks, block_size, kv_heads, hd))
+    for in_place in (True, False):
+        attn = PagedAttention(heads, kv_heads, hd, hd ** -0.5, sliding_window=window, alibi_slopes=slopes)
+        attn.k_cache, attn.v_cache = pool[0].clone(), pool[1].clone()  # earlier chunks' K/V: random
+        attn._in_place_flag = in_place
+        ctx = AttentionContext(slots, tables, torch.tensor(context), query_lens, 3, [(0, 3)])
+        set_attention_context(ctx)
+        try:
+            outs.append(attn(q, k, v))
+        finally:
+            set_attention_context(None)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
 
 
 @needs_kernels

@@ -1,7 +1,9 @@
-"""A step's model inputs, built on rank 0 from the scheduler's decision and sent to every rank.
+"""A step's model inputs: rank 0 builds the step from the scheduler's decision, every rank turns
+it into tensors with its persistent batch.
 
-Everything here is plain CPU tensors and ints, so it pickles: with one process it goes straight to
-the model runner, with several it is broadcast and each rank moves it to its own device.
+What travels to the other ranks is small and plain (it pickles): the batch diff, and per
+micro-batch the sequence ids, counts and the token ids computed now. With one process it goes
+straight to the model runner.
 
 With pipeline parallelism the step is cut into micro-batches (whole sequences each), so stage 1
 can work on the first micro-batch while stage 0 computes the second.
@@ -9,40 +11,59 @@ can work on the first micro-batch while stage 0 computes the second.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 
+from tokenmill.engine.persistent_batch import BatchDiff, BatchDiffer, PersistentBatch
 from tokenmill.engine.sequence import Sequence
-from tokenmill.layers.attention import AttentionContext, DecodeGroup, PrefillChunk
+from tokenmill.layers.attention import AttentionContext
 
-# Decodes are attended in groups of similar context length; a group is padded to its longest
-# context, so it is closed once that would waste more than this share of its gathered KV.
+# Decodes are attended in groups of similar context length on the gather path; a group is padded
+# to its longest context, so it is closed once that would waste more than this share of its KV.
 _DECODE_GROUP_MAX_PADDING = 0.25
 
 
 @dataclass
-class ModelInput:
-    """One forward: the flat batch (decode tokens first, then prefill chunks) and its attention."""
+class MicroBatch:
+    """One forward's work: the flat batch is decode tokens first (one per sequence, shortest
+    context first), then prefill chunks."""
 
+    seq_ids: list[int]
+    num_computed: list[int]  # tokens with KV before this step
+    query_lens: list[int]  # tokens computed now
+    num_decodes: int
+    decode_groups: list[tuple[int, int]]
     input_ids: torch.Tensor  # [T] long
-    positions: torch.Tensor  # [T] long
-    attention: AttentionContext
     logits_rows: torch.Tensor  # [R] long: rows of the hidden states whose logits rank 0 needs
-    ordered: list[tuple[Sequence, int]] = field(default_factory=list)  # rank 0 only, not sent
+    # Rank 0 only (not sent): how the logits map back to sequences.
+    ordered: list[tuple[Sequence, int]] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)  # index into logits_rows, per sampled seq
     sampled: list[Sequence] = field(default_factory=list)
     prompt_rows: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # seq_id -> (row, first, last)
 
-    def for_workers(self) -> "ModelInput":
-        return ModelInput(self.input_ids, self.positions, self.attention, self.logits_rows)
+    def for_workers(self) -> "MicroBatch":
+        return MicroBatch(self.seq_ids, self.num_computed, self.query_lens, self.num_decodes, self.decode_groups,
+                          self.input_ids, self.logits_rows)
 
 
 @dataclass
 class StepInput:
     block_copies: list[tuple[str, int, int]]
-    micro_batches: list[ModelInput]
+    diff: BatchDiff
+    micro_batches: list[MicroBatch]
 
     def for_workers(self) -> "StepInput":
-        return StepInput(self.block_copies, [m.for_workers() for m in self.micro_batches])
+        return StepInput(self.block_copies, self.diff, [m.for_workers() for m in self.micro_batches])
+
+
+@dataclass
+class ModelInput:
+    """One forward's tensors on this rank's device."""
+
+    input_ids: torch.Tensor  # [T] long
+    positions: torch.Tensor  # [T] long
+    attention: AttentionContext
+    logits_rows: torch.Tensor
 
 
 def split_micro_batches(scheduled: list[tuple[Sequence, int]], n: int) -> list[list[tuple[Sequence, int]]]:
@@ -59,60 +80,36 @@ def split_micro_batches(scheduled: list[tuple[Sequence, int]], n: int) -> list[l
     return [g for g in groups if g]
 
 
-def _slots(seq: Sequence, start: int, n: int, bs: int) -> torch.Tensor:
-    pos = torch.arange(start, start + n)
-    table = torch.tensor(seq.block_table, dtype=torch.long)
-    return table[pos // bs] * bs + pos % bs
-
-
-def _decode_groups(decodes: list[tuple[Sequence, int]]) -> list[DecodeGroup]:
-    """Split the length-sorted decodes into groups whose padding stays under the threshold."""
+def _decode_groups(context_lens: list[int]) -> list[tuple[int, int]]:
+    """Split ascending context lengths into ranges whose padding stays under the threshold."""
     groups, start = [], 0
-    while start < len(decodes):
-        end, total = start + 1, decodes[start][0].num_computed_tokens + 1
-        while end < len(decodes):
-            longest = decodes[end][0].num_computed_tokens + 1
-            new_total = total + longest
-            if longest * (end - start + 1) > new_total * (1 + _DECODE_GROUP_MAX_PADDING):
+    while start < len(context_lens):
+        end, total = start + 1, context_lens[start]
+        while end < len(context_lens):
+            longest = context_lens[end]
+            if longest * (end - start + 1) > (total + longest) * (1 + _DECODE_GROUP_MAX_PADDING):
                 break
-            end, total = end + 1, new_total
-        seqs = [s for s, _ in decodes[start:end]]
-        width = max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        groups.append(DecodeGroup(start, torch.tensor(tables, dtype=torch.long),
-                                  torch.tensor([s.num_computed_tokens + 1 for s in seqs])))
+            end, total = end + 1, total + longest
+        groups.append((start, end))
         start = end
     return groups
 
 
-def build_model_input(scheduled: list[tuple[Sequence, int]], block_size: int) -> ModelInput:
-    bs = block_size
+def build_micro_batch(scheduled: list[tuple[Sequence, int]]) -> MicroBatch:
     # Decodes sorted by context length, so neighbours can share one padded attention call.
     decodes = sorted(((s, n) for s, n in scheduled if n == 1), key=lambda x: x[0].num_computed_tokens)
-    prefills = [(s, n) for s, n in scheduled if n > 1]
-    input_ids: list[int] = [s.token_ids[s.num_computed_tokens] for s, _ in decodes]
-    positions: list[torch.Tensor] = []
-    slots: list[torch.Tensor] = []
-    if decodes:
-        pos = torch.tensor([s.num_computed_tokens for s, _ in decodes], dtype=torch.long)
-        positions.append(pos)
-        slots.append(torch.tensor([s.block_table[p // bs] * bs + p % bs
-                                   for (s, _), p in zip(decodes, pos.tolist())], dtype=torch.long))
-    ctx = AttentionContext(slot_mapping=torch.empty(0), decodes=_decode_groups(decodes))
-    start = len(decodes)
-    for seq, n in prefills:
+    ordered = decodes + [(s, n) for s, n in scheduled if n > 1]
+    input_ids: list[int] = []
+    for seq, n in ordered:
         c = seq.num_computed_tokens
         input_ids.extend(seq.token_ids[c:c + n])
-        positions.append(torch.arange(c, c + n))
-        slots.append(_slots(seq, c, n, bs))
-        ctx.prefills.append(PrefillChunk(start, n, c + n, torch.tensor(seq.block_table)))
-        start += n
-    ctx.slot_mapping = torch.cat(slots)
-    mi = ModelInput(torch.tensor(input_ids, dtype=torch.long), torch.cat(positions), ctx, torch.empty(0),
-                    ordered=decodes + prefills)
+    mb = MicroBatch([s.seq_id for s, _ in ordered], [s.num_computed_tokens for s, _ in ordered],
+                    [n for _, n in ordered], len(decodes),
+                    _decode_groups([s.num_computed_tokens + 1 for s, _ in decodes]),
+                    torch.tensor(input_ids, dtype=torch.long), torch.empty(0), ordered=ordered)
     rows: list[int] = []
     offset = 0
-    for seq, n in mi.ordered:
+    for seq, n in ordered:
         c = seq.num_computed_tokens
         req = seq.request
         if seq.index == 0 and req.wants_prompt_logprobs:
@@ -120,37 +117,31 @@ def build_model_input(scheduled: list[tuple[Sequence, int]], block_size: int) ->
             first = len(req.prompt_logprobs) - 1  # first position not yet scored
             last = min(c + n, seq.num_prompt_tokens - 1)  # positions [first, last)
             if first >= c and last > first:
-                mi.prompt_rows[seq.seq_id] = (len(rows), first, last)
+                mb.prompt_rows[seq.seq_id] = (len(rows), first, last)
                 rows.extend(range(offset + first - c, offset + last - c))
         if c + n == seq.num_tokens:  # the chunk reaches the end: sample the next token
-            mi.sample_rows.append(len(rows))
-            mi.sampled.append(seq)
+            mb.sample_rows.append(len(rows))
+            mb.sampled.append(seq)
             rows.append(offset + n - 1)
         offset += n
-    mi.logits_rows = torch.tensor(rows, dtype=torch.long)
-    return mi
+    mb.logits_rows = torch.tensor(rows, dtype=torch.long)
+    return mb
 
 
-def build_step(scheduled: list[tuple[Sequence, int]], block_copies: list[tuple[str, int, int]], block_size: int,
+def build_step(differ: BatchDiffer, scheduled: list[tuple[Sequence, int]], block_copies: list[tuple[str, int, int]],
                num_micro_batches: int) -> StepInput:
     groups = split_micro_batches(scheduled, num_micro_batches)
-    return StepInput(list(block_copies), [build_model_input(g, block_size) for g in groups])
+    return StepInput(list(block_copies), differ.diff([s for s, _ in scheduled]),
+                     [build_micro_batch(g) for g in groups])
 
 
-def to_device(mi: ModelInput, device: torch.device) -> ModelInput:
-    """The inputs on this rank's device (a no-op on CPU)."""
-    if device.type == "cpu":
-        return mi
-    a = mi.attention
-    ctx = AttentionContext(a.slot_mapping.to(device),
-                           [DecodeGroup(g.start, g.block_tables.to(device), g.context_lens.to(device))
-                            for g in a.decodes],
-                           [PrefillChunk(p.start, p.query_len, p.context_len, p.block_table.to(device))
-                            for p in a.prefills])
-    out = ModelInput(mi.input_ids.to(device), mi.positions.to(device), ctx, mi.logits_rows.to(device))
-    return out
+def model_input(batch: PersistentBatch, mb: MicroBatch, device: torch.device) -> ModelInput:
+    """The micro-batch's tensors from this rank's persistent batch, on this rank's device."""
+    positions, slots, tables, context_lens = batch.step_tensors(mb.seq_ids, mb.num_computed, mb.query_lens)
+    ctx = AttentionContext(slots.to(device), tables.to(device), context_lens.to(device), mb.query_lens,
+                           mb.num_decodes, mb.decode_groups)
+    return ModelInput(mb.input_ids.to(device), positions.to(device), ctx, mb.logits_rows.to(device))
 
 
 def sampled_seqs(step: StepInput) -> list[Sequence]:
     return [s for m in step.micro_batches for s in m.sampled]
-

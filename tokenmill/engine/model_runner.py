@@ -12,7 +12,8 @@ from torch import nn
 
 from tokenmill.config import CacheConfig, ModelConfig, SchedulerConfig
 from tokenmill.distributed.parallel_state import get_parallel_state
-from tokenmill.engine.model_input import ModelInput, StepInput, build_step, sampled_seqs, to_device
+from tokenmill.engine.model_input import MicroBatch, StepInput, build_step, model_input, sampled_seqs
+from tokenmill.engine.persistent_batch import BatchDiffer, PersistentBatch
 from tokenmill.engine.scheduler import SampledToken, SchedulerOutput
 from tokenmill.engine.utilization import ModelCost, UtilizationMeter
 from tokenmill.layers.attention import PagedAttention, set_attention_context
@@ -79,6 +80,10 @@ class ModelRunner:
             logger.info("KV spill tier: %d blocks, %.1f MiB", self.num_spill_blocks,
                         self.spill_cache.numel() * self.spill_cache.element_size() / 2**20)
         self.sampler = Sampler()
+        # The running sequences' block tables, kept across steps on every rank; rank 0 also
+        # tracks what the ranks know, to send them only the changes.
+        self.batch = PersistentBatch(self.block_size)
+        self.differ = BatchDiffer()
         self.generator = torch.Generator().manual_seed(model_config.seed)
         self.token_text: Optional[Callable[[int], str]] = None  # set by the engine when it has a tokenizer
 
@@ -137,7 +142,7 @@ class ModelRunner:
         """Rank 0: run one step on every rank, then sample. Returns the sampled token of every
         sequence that finished its prompt/chunk."""
         start_time = time.perf_counter()
-        step = build_step(sched.scheduled, sched.block_copies, self.block_size, get_parallel_state().pp_size)
+        step = build_step(self.differ, sched.scheduled, sched.block_copies, get_parallel_state().pp_size)
         all_logits = self.executor.execute(step, self.run) if self.executor is not None else self.run(step)
         chunks = [(seq.num_computed_tokens, n) for seq, n in sched.scheduled]
         rows: list[torch.Tensor] = []
@@ -174,11 +179,12 @@ class ModelRunner:
         """Every rank: the forward of each micro-batch. Returns, on rank 0, each micro-batch's
         logits for its logits_rows (None where it has none)."""
         self._copy_blocks(step.block_copies)
+        self.batch.apply(step.diff)
         ps = get_parallel_state()
         results: list[Optional[torch.Tensor]] = []
         pending = []  # sends in flight, with the tensors they read
         for mb in step.micro_batches:
-            mb = to_device(mb, self.device)
+            mb = model_input(self.batch, mb, self.device)
             hidden_in = None
             if not ps.is_first_stage:
                 hidden_in = torch.empty(mb.input_ids.shape[0], self.hidden_size, dtype=self.dtype, device=self.device)
@@ -223,7 +229,7 @@ class ModelRunner:
     def _text(self, token_id: int) -> Optional[str]:
         return self.token_text(token_id) if self.token_text is not None else None
 
-    def _prompt_logprobs(self, mb: ModelInput, logits: Optional[torch.Tensor]) -> None:
+    def _prompt_logprobs(self, mb: MicroBatch, logits: Optional[torch.Tensor]) -> None:
         """Fill request.prompt_logprobs for the prompt positions computed in this micro-batch."""
         for seq, _ in mb.ordered:
             if seq.seq_id not in mb.prompt_rows:

@@ -10,6 +10,7 @@
 // it and into AVX2 pairs where it does not. Summation order differs from a BLAS: results agree
 // within float rounding, not bit for bit.
 #include <torch/library.h>
+#include "cpu_simd.h"
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <cstring>
@@ -20,29 +21,10 @@
 
 namespace {
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-typedef uint16_t v16h __attribute__((vector_size(32)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
+using namespace tokenmill;
 
 constexpr int kMaxRows = 8;  // x rows accumulated per pass over the weights (registers)
 constexpr int kPrefetchTiles = 4;  // how far ahead the dense kernel prefetches, in row tiles
-
-inline v16f load16(const float* p) { v16f v; std::memcpy(&v, p, sizeof v); return v; }
-inline v16f load16(const c10::BFloat16* p) {
-  v16h h; std::memcpy(&h, p, sizeof h);
-  v16u u = __builtin_convertvector(h, v16u) << 16;  // bf16 is the top half of an fp32
-  v16f f; std::memcpy(&f, &u, sizeof f); return f;
-}
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
-inline float hsum(v16f v) {  // a tree of shuffles, not 15 dependent scalar adds
-  v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-inline float to_f(float v) { return v; }
-inline float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
 
 // Dense weights (N, K) row-major, float32 or bfloat16; x is float32 (M, K). MM rows of x and R
 // rows of W at a time (compile-time counts, so the MM * R accumulators live in registers): each x
@@ -217,75 +199,6 @@ at::Tensor gptq_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return out;
 }
 
-// Decode attention straight from the paged KV pool: one query token per sequence, its keys and
-// values read in place through the block table (no gathered copy, no mask tensor). k_cache and
-// v_cache are (num_blocks, block_size, KVH, hd) float32; q is (D, H, hd); query head h reads KV
-// head h / (H / KVH). Keys at positions [start, context_len) count, start = context_len - window
-// with a sliding window; ALiBi adds slope[h] * position to each score.
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                                  int64_t sliding_window, const at::Tensor& alibi_slopes) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat, "paged attention: float32 only");
-  at::Tensor qc = q.contiguous(), bt = block_tables.to(at::kLong).contiguous(), cl = context_lens.to(at::kLong).contiguous();
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged attention: pool must be contiguous");
-  const int64_t D = qc.size(0), H = qc.size(1), hd = qc.size(2);
-  const int64_t bs = k_cache.size(1), KVH = k_cache.size(2), width = bt.size(1);
-  TORCH_CHECK(k_cache.size(3) == hd && H % KVH == 0, "paged attention: shapes do not match");
-  const bool alibi = alibi_slopes.numel() > 0;
-  at::Tensor slopes = alibi ? alibi_slopes.to(at::kFloat).contiguous() : alibi_slopes;
-  at::Tensor out = at::empty_like(qc);
-  const float* qp = qc.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  const int64_t* btp = bt.data_ptr<int64_t>();
-  const int64_t* clp = cl.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
-  const int64_t group = H / KVH, hd16 = hd - hd % 16, tok_stride = KVH * hd;
-  at::parallel_for(0, D * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t d = i / H, h = i % H, kvh = h / group;
-      const int64_t L = clp[d];
-      const int64_t start = sliding_window > 0 ? std::max<int64_t>(0, L - sliding_window) : 0;
-      const float* qv = qp + (d * H + h) * hd;
-      const float slope = alibi ? slopes.data_ptr<float>()[h] : 0.f;
-      scores.resize(L - start);
-      float mx = -INFINITY;
-      // Walk the block table block by block: no division per token.
-      for (int64_t t = start; t < L;) {
-        const int64_t block = btp[d * width + t / bs], end = std::min(L, (t / bs + 1) * bs);
-        const float* kv = kp + (block * bs + t % bs) * tok_stride + kvh * hd;
-        for (; t < end; ++t, kv += tok_stride) {
-          v16f acc = {};
-          int64_t e = 0;
-          for (; e < hd16; e += 16) acc += load16(qv + e) * load16(kv + e);
-          float sc = hsum(acc);
-          for (; e < hd; ++e) sc += qv[e] * kv[e];
-          sc = sc * static_cast<float>(scale) + slope * static_cast<float>(t);
-          scores[t - start] = sc;
-          mx = std::max(mx, sc);
-        }
-      }
-      float denom = 0.f;
-      for (auto& sc : scores) { sc = std::exp(sc - mx); denom += sc; }
-      const float inv = 1.0f / denom;
-      float* o = op + (d * H + h) * hd;
-      std::fill(o, o + hd, 0.f);
-      for (int64_t t = start; t < L;) {
-        const int64_t block = btp[d * width + t / bs], end = std::min(L, (t / bs + 1) * bs);
-        const float* vv = vp + (block * bs + t % bs) * tok_stride + kvh * hd;
-        for (; t < end; ++t, vv += tok_stride) {
-          const float p = scores[t - start] * inv;
-          int64_t e = 0;
-          for (; e < hd16; e += 16) { v16f ov = load16(o + e) + load16(vv + e) * p; std::memcpy(o + e, &ov, 64); }
-          for (; e < hd; ++e) o[e] += p * vv[e];
-        }
-      }
-    }
-  });
-  return out;
-}
-
 // The small per-layer steps of a decoder, each one call instead of several ATen ops (at decode
 // batch sizes each ATen call costs more than its arithmetic). float32, rows of a flat batch.
 
@@ -366,35 +279,10 @@ void rope_(at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, co
   });
 }
 
-// K and V of a step's tokens into their pool slots (vLLM's reshape_and_cache): one call for both.
-// k, v: (T, KVH * hd) rows, possibly strided views of a fused qkv; pools (num_blocks, bs, KVH, hd).
-void write_kv_(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
-               const at::Tensor& slots) {
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "write_kv_: float32 only");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k.stride(-1) == 1 && v.stride(-1) == 1,
-              "write_kv_: layouts");
-  at::Tensor sl = slots.to(at::kLong).contiguous();
-  const int64_t T = k.size(0), row = k_cache.size(2) * k_cache.size(3);
-  const int64_t capacity = k_cache.size(0) * k_cache.size(1);
-  TORCH_CHECK(k.numel() == T * row && v.numel() == T * row && sl.numel() == T, "write_kv_: shapes");
-  const int64_t* sp = sl.data_ptr<int64_t>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
-    TORCH_CHECK(sp[t] >= 0 && sp[t] < capacity, "write_kv_: slot out of range");
-    std::memcpy(kc + sp[t] * row, k.data_ptr<float>() + t * k.stride(0), row * sizeof(float));
-    std::memcpy(vc + sp[t] * row, v.data_ptr<float>() + t * v.stride(0), row * sizeof(float));
-  }
-}
-
 }  // namespace
 
 TORCH_LIBRARY(tokenmill_cpu, m) {
   m.def("dense_gemv(Tensor x, Tensor w) -> Tensor");
-  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor context_lens, float scale, int sliding_window, Tensor alibi_slopes) -> Tensor");
-  m.def("write_kv_(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("rope_(Tensor(a!) x, Tensor positions, Tensor cos, Tensor sin_signed, int heads, int hd) -> ()");
@@ -404,9 +292,7 @@ TORCH_LIBRARY(tokenmill_cpu, m) {
 TORCH_LIBRARY_IMPL(tokenmill_cpu, CPU, m) {
   m.impl("dense_gemv", dense_gemv);
   m.impl("gptq_gemv", gptq_gemv);
-  m.impl("paged_decode_attention", paged_decode_attention);
   m.impl("rms_norm", rms_norm);
-  m.impl("write_kv_", write_kv_);
   m.impl("silu_mul", silu_mul);
   m.impl("rope_", rope_);
 }

@@ -1,4 +1,4 @@
-"""Builds and loads tokenmill's CPU kernels (`cpu_gemv.cpp`) as torch ops, once per machine.
+"""Builds and loads tokenmill's CPU kernels (`cpu_gemv.cpp`, `cpu_attention.cpp`) as torch ops, once per machine.
 
 The build is compiled for this CPU (-march=native) and cached on disk by torch's extension
 builder, keyed by the CPU's model and flags as well, so a machine with another processor builds
@@ -20,7 +20,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+_SOURCES = [Path(__file__).with_name(n) for n in ("cpu_gemv.cpp", "cpu_attention.cpp")]
+_HEADERS = [Path(__file__).with_name("cpu_simd.h")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -40,7 +41,8 @@ def cpu_fingerprint() -> str:
 @functools.lru_cache(maxsize=None)
 def build_id() -> str:
     """This CPU and this kernel source: what a cached measurement of the kernels depends on."""
-    return f"{cpu_fingerprint()}-{hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:8]}"
+    source = b"".join(p.read_bytes() for p in _SOURCES + _HEADERS)
+    return f"{cpu_fingerprint()}-{hashlib.sha256(source).hexdigest()[:8]}"
 
 
 def load() -> bool:
@@ -60,7 +62,7 @@ def load() -> bool:
                 from torch.utils.cpp_extension import load as load_extension
 
                 t0 = time.perf_counter()
-                load_extension(name=f"tokenmill_cpu_{cpu_fingerprint()}", sources=[str(_SOURCE)],
+                load_extension(name=f"tokenmill_cpu_{cpu_fingerprint()}", sources=[str(p) for p in _SOURCES],
                                extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
                                extra_ldflags=["-fopenmp"],
                                is_python_module=False, verbose=False)

@@ -1,10 +1,14 @@
-"""Paged attention in plain torch: K/V are written to and read from the block pool.
+"""Paged attention: K/V are written to and read from the block pool.
 
-The flat batch holds the decode tokens first (one per sequence), then each prefill chunk. Decodes
-come in groups of similar context length, each attended in one batched SDPA call over its
-gathered blocks (padded to the group's longest context, so grouping keeps the padding small);
-each prefill chunk gets its own call (causal, or with an explicit mask when it continues an
-earlier chunk or has a sliding window).
+The flat batch holds the decode tokens first (one per sequence), then each prefill chunk; the
+step's `AttentionContext` describes it once for every layer, in vLLM's varlen layout (a block-table
+row, a query length and a context length per sequence).
+
+On CPU in float32 each layer attends the whole step in one call of tokenmill's kernel
+(kernels/cpu_attention.cpp), which reads K/V in place through the block table: decodes and prefill
+chunks together, no gathered copy, no mask. Elsewhere (CUDA, bfloat16) decodes go in groups of
+similar context length, each one batched SDPA call over its gathered blocks (padded to the group's
+longest context, so grouping keeps the padding small), and each prefill chunk gets its own call.
 
 NOTE: what depends only on the step (gather indices into the pool, masks, ALiBi biases, rotary
 cos/sin rows) is built by the first layer that needs it and cached in the step's context
@@ -24,29 +28,19 @@ from tokenmill.kernels import cpu_ops
 
 
 @dataclass
-class PrefillChunk:
-    start: int  # index of the chunk's first token in the flat batch
-    query_len: int  # tokens computed now
-    context_len: int  # tokens with KV after this step (earlier chunks + this one)
-    block_table: torch.Tensor  # [num_blocks] long
-
-
-@dataclass
-class DecodeGroup:
-    """Decode tokens attended in one batched call: one token per sequence, similar context lengths."""
-
-    start: int  # index of the group's first token in the flat batch
-    block_tables: torch.Tensor  # [G, max_blocks] long, padded with block 0
-    context_lens: torch.Tensor  # [G] long
-
-
-@dataclass
 class AttentionContext:
-    """What one step's attention needs to know; set by the model runner around the forward."""
+    """What one step's attention needs to know; set by the model runner around the forward.
+
+    Sequences are in flat-batch order: the first `num_decodes` have one query token each.
+    """
 
     slot_mapping: torch.Tensor  # [T] long: the pool slot each token's K/V goes to
-    decodes: list[DecodeGroup] = field(default_factory=list)
-    prefills: list[PrefillChunk] = field(default_factory=list)
+    block_tables: torch.Tensor  # [S, W] long, padded with block 0
+    context_lens: torch.Tensor  # [S] long: tokens with KV once this step's are written
+    query_lens: list[int]  # [S] tokens computed now
+    num_decodes: int = 0
+    # Decode sequences [a, b) attended in one padded call on the gather path (similar lengths).
+    decode_groups: list[tuple[int, int]] = field(default_factory=list)
     # Per-step tensors shared by all layers, built on first use (not sent to other ranks).
     cache: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -55,6 +49,22 @@ class AttentionContext:
         if value is None:
             value = self.cache[key] = build()
         return value
+
+    @property
+    def query_start(self) -> torch.Tensor:
+        """[S + 1] long: sequence s owns flat-batch rows [query_start[s], query_start[s + 1])."""
+        return self.cached("query_start", lambda: torch.tensor([0, *self.query_lens]).cumsum(0).to(
+            self.context_lens.device))
+
+    def prefills(self) -> list[tuple[int, int, int, int]]:
+        """(sequence index, first row, query tokens, context tokens) of each prefill chunk."""
+        def build() -> list[tuple[int, int, int, int]]:
+            lens, out, row = self.context_lens.tolist(), [], self.num_decodes
+            for i in range(self.num_decodes, len(self.query_lens)):
+                out.append((i, row, self.query_lens[i], lens[i]))
+                row += self.query_lens[i]
+            return out
+        return self.cached("prefills", build)
 
 
 _context: Optional[AttentionContext] = None
@@ -123,15 +133,21 @@ class PagedAttention(nn.Module):
         if self.k_cache.numel() and not written:
             self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, k)
             self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, v)
-        if not ctx.prefills and len(ctx.decodes) == 1:  # a decode-only step in one group: no copy out
-            return self._decode(ctx, 0, ctx.decodes[0], q).reshape(T, self.num_heads * self.head_dim)
+        if written:  # CPU, float32: the whole step in one call, reading the blocks where they lie
+            slopes = ctx.cached(("alibi_slopes", tuple(self.alibi_slopes or ())), lambda: torch.tensor(
+                self.alibi_slopes or [], dtype=torch.float32))
+            out = torch.ops.tokenmill_cpu.paged_attention(
+                q, self.k_cache, self.v_cache, ctx.block_tables, ctx.query_start, ctx.context_lens, self.scale,
+                self.sliding_window or -1, slopes)
+            return out.view(T, self.num_heads * self.head_dim)
+        if not ctx.prefills() and len(ctx.decode_groups) == 1:  # decode-only in one group: no copy out
+            return self._decode(ctx, 0, q).reshape(T, self.num_heads * self.head_dim)
         out = torch.empty_like(q)
-        for gi, g in enumerate(ctx.decodes):
-            sl = slice(g.start, g.start + g.context_lens.shape[0])
-            out[sl] = self._decode(ctx, gi, g, q[sl])
-        for pi, p in enumerate(ctx.prefills):
-            sl = slice(p.start, p.start + p.query_len)
-            out[sl] = self._prefill(ctx, pi, p, q[sl], k[sl], v[sl])
+        for gi, (a, b) in enumerate(ctx.decode_groups):
+            out[a:b] = self._decode(ctx, gi, q[a:b])
+        for i, row, n, ctx_len in ctx.prefills():
+            sl = slice(row, row + n)
+            out[sl] = self._prefill(ctx, i, row, n, ctx_len, q[sl], k[sl], v[sl])
         return out.view(T, self.num_heads * self.head_dim)
 
     def _gather(self, cache: torch.Tensor, slots: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -140,22 +156,25 @@ class PagedAttention(nn.Module):
         flat = cache.view(-1, self.num_kv_heads, self.head_dim)
         return flat.index_select(0, slots).view(*shape, self.num_kv_heads, self.head_dim)
 
-    def _decode_meta(self, ctx: AttentionContext, gi: int, g: DecodeGroup) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(slots [G*L], additive or boolean mask [G, H|1, 1, L], L) for decode group gi."""
+    def _decode_meta(self, ctx: AttentionContext, gi: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(slots [G*L], boolean or additive mask [G, H|1, 1, L], L) for decode group gi."""
         bs = self.k_cache.shape[1]
+        a, b = ctx.decode_groups[gi]
+        tables, lens = ctx.block_tables[a:b], ctx.context_lens[a:b]
 
         def slots() -> tuple[torch.Tensor, int]:
-            L = int(g.context_lens.max())
-            idx = (g.block_tables[:, :, None] * bs + torch.arange(bs, device=g.block_tables.device)).flatten(1)
+            L = int(lens.max())
+            nb = -(-L // bs)
+            idx = (tables[:, :nb, None] * bs + torch.arange(bs, device=tables.device)).flatten(1)
             return idx[:, :L].reshape(-1), L
 
         idx, L = ctx.cached(("decode_slots", gi, bs), slots)
 
         def mask() -> torch.Tensor:
-            pos = torch.arange(L, device=g.context_lens.device)
-            m = pos[None, :] < g.context_lens[:, None]  # (G, L)
+            pos = torch.arange(L, device=lens.device)
+            m = pos[None, :] < lens[:, None]  # (G, L)
             if self.sliding_window is not None:
-                m &= pos[None, :] >= (g.context_lens[:, None] - self.sliding_window)
+                m &= pos[None, :] >= (lens[:, None] - self.sliding_window)
             m = m[:, None, None, :]
             if self.alibi_slopes is None:
                 return m
@@ -165,15 +184,9 @@ class PagedAttention(nn.Module):
         key = ("decode_mask", gi, self.sliding_window, tuple(self.alibi_slopes or ()))
         return idx, ctx.cached(key, mask), L
 
-    def _decode(self, ctx: AttentionContext, gi: int, g: DecodeGroup, q: torch.Tensor) -> torch.Tensor:
+    def _decode(self, ctx: AttentionContext, gi: int, q: torch.Tensor) -> torch.Tensor:
         D = q.shape[0]
-        if self._in_place:  # CPU, float32: read the blocks where they lie (kernels/cpu_gemv.cpp)
-            slopes = ctx.cached(("alibi_slopes", tuple(self.alibi_slopes or ())), lambda: torch.tensor(
-                self.alibi_slopes or [], dtype=torch.float32))
-            return torch.ops.tokenmill_cpu.paged_decode_attention(
-                q.reshape(D, self.num_heads, self.head_dim), self.k_cache, self.v_cache, g.block_tables,
-                g.context_lens, self.scale, self.sliding_window or -1, slopes)
-        idx, mask, L = self._decode_meta(ctx, gi, g)
+        idx, mask, L = self._decode_meta(ctx, gi)
         k = self._gather(self.k_cache, idx, (D, L)).transpose(1, 2)  # (D, KVH, L, hd)
         v = self._gather(self.v_cache, idx, (D, L)).transpose(1, 2)
         o = F.scaled_dot_product_attention(q.view(D, self.num_heads, 1, self.head_dim), k, v,
@@ -181,8 +194,7 @@ class PagedAttention(nn.Module):
                                            enable_gqa=self.num_heads != self.num_kv_heads)
         return o.view(D, self.num_heads, self.head_dim)
 
-    def _prefill_mask(self, p: PrefillChunk, device: torch.device) -> Optional[torch.Tensor]:
-        n, ctx_len = p.query_len, p.context_len
+    def _prefill_mask(self, n: int, ctx_len: int, device: torch.device) -> Optional[torch.Tensor]:
         if not (ctx_len > n or self.alibi_slopes is not None
                 or (self.sliding_window is not None and self.sliding_window < n)):
             return None  # plain causal: SDPA's is_causal
@@ -196,22 +208,23 @@ class PagedAttention(nn.Module):
             mask = bias.masked_fill(~mask, float("-inf")).to(self.k_cache.dtype)
         return mask
 
-    def _prefill(self, ctx: AttentionContext, pi: int, p: PrefillChunk, q: torch.Tensor, k: torch.Tensor,
-                 v: torch.Tensor) -> torch.Tensor:
-        n, ctx_len = p.query_len, p.context_len
+    def _prefill(self, ctx: AttentionContext, i: int, row: int, n: int, ctx_len: int, q: torch.Tensor,
+                 k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Prefill chunk of sequence i (flat-batch rows [row, row + n)) over its ctx_len tokens."""
         if ctx_len > n:  # continues earlier chunks: read the whole context back from the pool
             bs = self.k_cache.shape[1]
 
             def slots() -> torch.Tensor:
                 nb = -(-ctx_len // bs)
-                idx = p.block_table[:nb, None] * bs + torch.arange(bs, device=p.block_table.device)
+                table = ctx.block_tables[i]
+                idx = table[:nb, None] * bs + torch.arange(bs, device=table.device)
                 return idx.reshape(-1)[:ctx_len]
 
-            idx = ctx.cached(("prefill_slots", pi, bs), slots)
+            idx = ctx.cached(("prefill_slots", i, bs), slots)
             k = self._gather(self.k_cache, idx, (ctx_len,))
             v = self._gather(self.v_cache, idx, (ctx_len,))
-        key = ("prefill_mask", pi, self.sliding_window, tuple(self.alibi_slopes or ()))
-        mask = ctx.cached(key, lambda: self._prefill_mask(p, q.device))  # None (causal) is cheap to redo
+        key = ("prefill_mask", i, self.sliding_window, tuple(self.alibi_slopes or ()))
+        mask = ctx.cached(key, lambda: self._prefill_mask(n, ctx_len, q.device))  # None (causal) is cheap to redo
         # 4-D (1, H, n, hd) and (1, KVH, ctx, hd): SDPA's flash kernels take only batched inputs;
         # 3-D ones went to the math path (a quarter of a 512-token prefill on a 2-core EPYC).
         o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
