@@ -109,3 +109,40 @@ def test_other_architectures_under_pressure(make_checkpoint, arch, overrides):
                         SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert llm.llm_engine.get_stats().num_preemptions > 0
+
+
+def test_steps_carry_only_diffs_and_every_rank_table_stays_in_sync(reference):
+    """The persistent batch: what rank 0 sends other ranks each step does not grow with the
+    context, and the tables rebuilt from the diffs match the block manager's, through
+    preemption (tables freed and handed out again) and chunked prefill."""
+    import pickle
+
+    path, prompts, expected = reference
+    llm = LLM(path, skip_tokenizer_init=True, block_size=4, num_gpu_blocks_override=40, max_num_batched_tokens=32,
+              max_num_seqs=8)
+    runner = llm.llm_engine.model_runner
+    sizes, run = [], runner.run
+
+    def checked_run(step):
+        out = run(step)  # applies step.diff to runner.batch
+        for mb in step.micro_batches:
+            for seq, _ in mb.ordered:
+                row = runner.batch.rows[seq.seq_id]
+                assert runner.batch.tables[row, :len(seq.block_table)].tolist() == seq.block_table
+        sizes.append((sum(len(m.seq_ids) for m in step.micro_batches), len(pickle.dumps(step.for_workers()))))
+        return out
+
+    runner.run = checked_run
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert llm.llm_engine.get_stats().num_preemptions > 0
+
+    # One long sequence: its decode steps' messages stay the same size as its context grows.
+    sizes.clear()
+    llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True),
+                 use_tqdm=False)
+    decode_sizes = [size for n, size in sizes[1:]]
+    assert max(decode_sizes) - min(decode_sizes) < 64, decode_sizes
+    # Freed sequences leave every rank's batch with the next step's diff.
+    assert len(runner.batch.rows) == len(runner.differ) == 1
