@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -84,11 +84,20 @@ class LinearPlan:
 
     choice: dict[int, LinearFn]
     names: dict[int, str]
+    # The backend for every row count up to the largest bucket: one list index per call (at
+    # decode sizes a call's Python overhead is a fair share of its time).
+    by_rows: list[LinearFn] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.by_rows = [self.choice[bucket_of(max(1, r))] for r in range(BUCKETS[-1] + 1)]
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            rows = x.shape[0]
+            return (self.by_rows[rows] if rows <= BUCKETS[-1] else self.by_rows[-1])(x, w)
         x2 = x.reshape(-1, x.shape[-1])
         rows = x2.shape[0]
-        fn = self.choice[BUCKETS[-1]] if rows > BUCKETS[-1] else self.choice[bucket_of(rows)]
+        fn = self.by_rows[rows] if rows <= BUCKETS[-1] else self.by_rows[-1]
         return fn(x2, w).view(*x.shape[:-1], w.shape[0])
 
 
