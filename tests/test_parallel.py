@@ -87,6 +87,31 @@ def test_preemption_under_tensor_parallel(make_checkpoint):
         llm.shutdown()
 
 
+def test_leaving_a_with_block_or_deleting_the_llm_frees_the_process(make_checkpoint):
+    """vLLM's habits: `with LLM(...) as llm:` and `del llm` stop the workers, so the same script
+    can build the next tensor-parallel LLM; a stopped engine refuses work with a clear error."""
+    import gc
+
+    path, hf = make_checkpoint("LlamaForCausalLM", num_hidden_layers=2)
+    prompts = random_prompts([5, 12], seed=3)
+    with LLM(path, skip_tokenizer_init=True, tensor_parallel_size=2) as llm:
+        first = [o.outputs[0].token_ids for o in llm.generate(
+            [{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)]
+        procs = list(llm.llm_engine.executor.procs)
+    assert all(p.poll() is not None for p in procs)
+    with pytest.raises(DistributedError, match="shut down"):
+        llm.generate([{"prompt_token_ids": prompts[0]}], GREEDY, use_tqdm=False)
+    del llm
+    second = LLM(path, skip_tokenizer_init=True, tensor_parallel_size=2)
+    outs = second.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == first == [hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
+    procs = list(second.llm_engine.executor.procs)
+    del second, outs
+    gc.collect()
+    assert all(p.poll() is not None for p in procs)
+    LLM(path, skip_tokenizer_init=True, tensor_parallel_size=2).shutdown()
+
+
 def test_layout_errors_are_refused_before_any_process_starts(make_checkpoint):
     path, _ = make_checkpoint("LlamaForCausalLM", num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(ValueError, match="num_attention_heads \\(4\\) must be divisible by tensor_parallel_size=3"):

@@ -54,7 +54,7 @@ def test_outputs_identical_on_off_and_spill(ckpt):
     off = LLM(ckpt, skip_tokenizer_init=True, enable_prefix_caching=False, block_size=4)
     ref = [o.outputs[0].token_ids for o in run(off, prompts)]
     assert off.llm_engine.get_stats().prefix_cache_hits == 0
-    configs = [dict(), dict(num_gpu_blocks_override=30), dict(num_gpu_blocks_override=30, swap_space=1 << 20)]
+    configs = [dict(), dict(num_gpu_blocks_override=30), dict(num_gpu_blocks_override=30, swap_space=2**-10)]
     for kw in configs:
         llm = LLM(ckpt, skip_tokenizer_init=True, block_size=4, max_num_batched_tokens=24, **kw)
         assert [o.outputs[0].token_ids for o in run(llm, prompts)] == ref, kw
@@ -87,7 +87,7 @@ def test_multi_turn_hits_cover_earlier_turns(ckpt):
 def test_spill_tier_cuts_recomputation(ckpt):
     convos = random_prompts([60, 52, 70, 45], seed=50)
     results = {}
-    for swap in (0, 1 << 20):
+    for swap in (0, 2**-10):  # GiB: 1 MiB
         llm = LLM(ckpt, skip_tokenizer_init=True, block_size=4, num_gpu_blocks_override=40, swap_space=swap)
         for _round in range(2):
             for p in convos:
@@ -95,8 +95,8 @@ def test_spill_tier_cuts_recomputation(ckpt):
         results[swap] = llm.llm_engine.get_stats()
         check_invariants(llm.llm_engine)
     assert results[0].recomputed_tokens > 0
-    assert results[1 << 20].recomputed_tokens <= results[0].recomputed_tokens // 2
-    assert results[1 << 20].swaps_in > 0
+    assert results[2**-10].recomputed_tokens <= results[0].recomputed_tokens // 2
+    assert results[2**-10].swaps_in > 0
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -130,7 +130,7 @@ def _pool_llm(ckpt, spill: bool) -> LLM:
     """One small-pool engine per spill setting, reused across examples (it must end clean anyway)."""
     if spill not in _llms:
         _llms[spill] = LLM(ckpt, skip_tokenizer_init=True, block_size=4, num_gpu_blocks_override=12,
-                           max_num_batched_tokens=16, swap_space=(1 << 16) if spill else 0)
+                           max_num_batched_tokens=16, swap_space=2**-14 if spill else 0)
     return _llms[spill]
 
 

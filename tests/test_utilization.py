@@ -15,7 +15,7 @@ def test_step_cost_matches_hand_count(make_checkpoint):
     head = 512 * 64
     weights = 4 * (512 * 64 + head + linear + 2 * 2 * 64 + 64)
     kv_per_token = 2 * 2 * 2 * 16 * 4
-    assert (runner.cost.linear_params, runner.cost.head_params) == (linear, head)
+    assert (runner.cost.matmul_params, runner.cost.head_params) == (linear, head)
     assert (runner.weight_bytes, runner.kv_bytes_per_token) == (weights, kv_per_token)
     llm.generate({"prompt_token_ids": list(range(5, 15))}, SamplingParams(max_tokens=2, ignore_eos=True),
                  use_tqdm=False)

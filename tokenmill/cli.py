@@ -59,7 +59,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                 seed=args.seed, device=args.device, enable_prefix_caching=args.enable_prefix_caching,
-                swap_space=int(args.swap_space * 2**30), tensor_parallel_size=args.tensor_parallel_size,
+                swap_space=args.swap_space, tensor_parallel_size=args.tensor_parallel_size,
                 pipeline_parallel_size=args.pipeline_parallel_size,
                 distributed_timeout_seconds=args.distributed_timeout_seconds,
                 linear_backend=args.linear_backend)

@@ -98,9 +98,9 @@ class CacheConfig:
     kv_cache_memory_bytes: Optional[int] = None
     num_gpu_blocks_override: Optional[int] = None  # tests use tiny pools to force preemption
     enable_prefix_caching: bool = True  # reuse the KV of prefixes computed before
-    # Bytes for the spill tier (0: off): evicted cached blocks are copied there instead of being
-    # dropped. Host memory when the model runs on a GPU; a separate pool on a CPU-only machine.
-    swap_space: int = 0
+    # GiB for the spill tier (0: off), as in vLLM: evicted cached blocks are copied there instead
+    # of being dropped. Host memory when the model runs on a GPU; a separate pool on a CPU-only machine.
+    swap_space: float = 0
     # The spill cost model (see kv_tiers.SpillCostModel): bytes/s between the tiers and FLOP/s
     # when recomputing. None: 10 GB/s and 100 GFLOP/s on CPU; 25 GB/s (PCIe) and 100 TFLOP/s on CUDA.
     spill_link_bandwidth: Optional[float] = None
@@ -113,14 +113,18 @@ class CacheConfig:
             raise ValueError(f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
             raise ValueError(f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}")
-        if not isinstance(self.swap_space, int) or self.swap_space < 0:
-            raise ValueError(f"swap_space must be a number of bytes >= 0, got {self.swap_space!r}")
+        if isinstance(self.swap_space, bool) or not isinstance(self.swap_space, (int, float)) or not self.swap_space >= 0:
+            raise ValueError(f"swap_space must be a number of GiB >= 0, got {self.swap_space!r}")
         if self.swap_space and not self.enable_prefix_caching:
             raise ValueError("swap_space (the spill tier) needs enable_prefix_caching=True")
         for name in ("spill_link_bandwidth", "spill_device_flops"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+
+    @property
+    def swap_space_bytes(self) -> int:
+        return int(self.swap_space * 2**30)
 
 
 @dataclass

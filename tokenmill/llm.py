@@ -28,7 +28,7 @@ class LLM:
         kv_cache_memory_bytes: bytes for the KV pool; None sizes it from free memory.
         seed: seed of the engine's generator for unseeded sampling.
         enable_prefix_caching: reuse cached KV of earlier prompts' prefixes (on by default).
-        swap_space: bytes of the spill tier for evicted cached blocks (0: off).
+        swap_space: GiB of the spill tier for evicted cached blocks (0: off), as in vLLM.
         tensor_parallel_size: ranks each layer is split over (one process each).
         pipeline_parallel_size: stages the layers are split into (one process per rank each).
         distributed_timeout_seconds: how long a rank waits on a peer before the engine fails.
@@ -40,7 +40,7 @@ class LLM:
                  max_num_seqs: int = 64, max_num_batched_tokens: Optional[int] = None, block_size: int = 16,
                  kv_cache_memory_bytes: Optional[int] = None, seed: int = 0, device: Optional[str] = None,
                  skip_tokenizer_init: bool = False, num_gpu_blocks_override: Optional[int] = None,
-                 enable_prefix_caching: bool = True, swap_space: int = 0,
+                 enable_prefix_caching: bool = True, swap_space: float = 0,
                  spill_link_bandwidth: Optional[float] = None, spill_device_flops: Optional[float] = None,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                  distributed_timeout_seconds: float = 120.0, linear_backend: str = "auto") -> None:
@@ -59,8 +59,24 @@ class LLM:
         self.llm_engine = LLMEngine(model_config, cache_config, scheduler_config, parallel_config)
 
     def shutdown(self) -> None:
-        """Stop the worker processes of a tensor/pipeline-parallel engine (also done at exit)."""
+        """Stop the worker processes of a tensor/pipeline-parallel engine. Also done on leaving a
+        `with LLM(...) as llm:` block, when the object is deleted, and at exit, so that a script
+        can build another LLM afterwards."""
         self.llm_engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "llm_engine", None)  # absent when __init__ failed
+        if engine is not None:
+            try:
+                engine.shutdown()
+            except Exception as e:  # a finalizer must not raise; say why the workers may linger
+                logger.warning("could not stop the engine's workers: %s", e)
 
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer

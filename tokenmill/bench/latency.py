@@ -126,7 +126,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
-    from tokenmill.bench.probe import measure_read_bandwidth
+    from tokenmill.devices import measure_read_bandwidth
 
     if args.input_len < 1 or args.output_len < 2 or args.repeats < 1:
         raise ValueError("--input-len >= 1, --output-len >= 2 and --repeats >= 1 are required")

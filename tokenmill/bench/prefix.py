@@ -21,6 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from tokenmill.bench.throughput import random_llama
+from tokenmill.model_cost import ModelShape
 
 logger = logging.getLogger(__name__)
 
@@ -118,13 +119,14 @@ def run(args: argparse.Namespace) -> int:
               for _ in range(args.num_conversations)] for _ in range(args.num_turns)]
     blocks_all = args.num_conversations * (-(-final_len // args.block_size) + 1)
     small = max(1, int(blocks_all * args.small_pool_fraction))
+    kv_block = ModelShape.from_hf_config(cfg).cost("float32").kv_bytes_per_token * args.block_size  # float32 runs
     ways = {
         "caching off": dict(enable_prefix_caching=False, num_gpu_blocks_override=blocks_all),
         "caching on": dict(num_gpu_blocks_override=blocks_all),
         "on, small pool": dict(num_gpu_blocks_override=small),
         # Enough spill for everything that does not fit the small pool.
         "on, small pool + spill": dict(num_gpu_blocks_override=small,
-                                       swap_space=(blocks_all - small) * _kv_bytes_per_block(cfg, args.block_size)),
+                                       swap_space=(blocks_all - small) * kv_block / 2**30),
     }
     result: dict[str, Any] = dict(model=model, num_conversations=args.num_conversations, num_turns=args.num_turns,
                                   turn_len=args.turn_len, reply_len=args.reply_len,
@@ -145,12 +147,6 @@ def run(args: argparse.Namespace) -> int:
     _plot(result, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
     return 0
-
-
-def _kv_bytes_per_block(cfg: Any, block_size: int) -> int:
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * 4 * block_size  # float32 KV (the runs use float32)
 
 
 def _print(result: dict[str, Any]) -> None:

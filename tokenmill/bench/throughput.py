@@ -155,7 +155,7 @@ def _run_transformers(model: str, args: argparse.Namespace, work) -> dict[str, f
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokenmill.bench.probe import measure_read_bandwidth
+    from tokenmill.devices import measure_read_bandwidth
 
     if args.num_prompts < 1:
         raise ValueError("--num-prompts must be >= 1")

@@ -219,3 +219,5 @@ class MultiprocExecutor:
             destroy_distributed()
         torch.set_num_threads(self._threads)
         atexit.unregister(self.shutdown)
+        if self.failed is None:  # a later step must fail clearly, not hang on a closed group
+            self.failed = DistributedError("the engine was shut down; build a new LLM to go on")

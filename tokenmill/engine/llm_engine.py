@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import logging
 import time
-
-import torch
 from typing import Any, Optional, Union
 
 from tokenmill.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from tokenmill.devices import peaks
 from tokenmill.distributed.parallel_state import get_parallel_state
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.kv_tiers import SpillCostModel
@@ -84,7 +83,7 @@ class LLMEngine:
         runner = self.model_runner
         cuda = runner.device.type == "cuda"
         cost = SpillCostModel(
-            kv_bytes_per_token=runner.kv_bytes_per_token, flops_per_token=runner.flops_per_token,
+            kv_bytes_per_token=runner.cost.kv_bytes_per_token, flops_per_token=runner.cost.flops_per_token(),
             link_bandwidth=cache_config.spill_link_bandwidth or (25e9 if cuda else 10e9),
             device_flops=cache_config.spill_device_flops or (1e14 if cuda else 1e11))
         self.block_manager = BlockManager(runner.num_blocks, cache_config.block_size,
@@ -219,17 +218,8 @@ class LLMEngine:
 
     def init_utilization_peaks(self) -> None:
         """Set the peaks MBU/MFU are measured against: probed on CPU, datasheet on known GPUs."""
-        from tokenmill.bench.probe import measure_matmul_flops, measure_read_bandwidth
-
         runner = self.model_runner
-        peak = None
-        if runner.device.type == "cuda":
-            from tokenmill.bench.roofline import device_peaks_for
-
-            peak = device_peaks_for(torch.cuda.get_device_name(runner.device), runner.dtype)
-        if peak is None:
-            peak = (measure_matmul_flops(runner.device, runner.dtype), measure_read_bandwidth(runner.device))
-        runner.meter.set_peaks(*peak)
+        runner.meter.set_peaks(*peaks(runner.device, runner.dtype))
 
     def utilization(self, recent: bool = False) -> dict[str, Optional[float]]:
         """MBU and MFU (over the last seconds if recent, else since start), with the raw totals."""

@@ -8,14 +8,14 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from tokenmill.config import CacheConfig, ModelConfig, SchedulerConfig
 from tokenmill.distributed.parallel_state import get_parallel_state
 from tokenmill.engine.model_input import MicroBatch, StepInput, build_step, model_input, sampled_seqs
 from tokenmill.engine.persistent_batch import BatchDiffer, PersistentBatch
 from tokenmill.engine.scheduler import SampledToken, SchedulerOutput
-from tokenmill.engine.utilization import ModelCost, UtilizationMeter
+from tokenmill.engine.utilization import UtilizationMeter
+from tokenmill.model_cost import ModelCost
 from tokenmill.layers.attention import PagedAttention, set_attention_context
 from tokenmill.kernels.linear import assign_linear_kernels
 from tokenmill.layers.sampler import Sampler
@@ -52,16 +52,11 @@ class ModelRunner:
         self.dtype = model_config.torch_dtype
         self.model = load_model(model_config)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
-        # Bytes one decode step reads: every weight once (a tied head is the embedding itself);
-        # GPTQ layers keep theirs in persistent buffers.
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters()) + sum(
-            b.numel() * b.element_size() for m in self.model.modules() for name, b in m.named_buffers(recurse=False)
-            if name not in m._non_persistent_buffers_set)
-        self.cost = self._model_cost()
+        self.cost = ModelCost.from_model(self.model, self.dtype)
         self.meter = UtilizationMeter()
         self.linear_backends = assign_linear_kernels(self.model, model_config.linear_backend, self.device, self.dtype)
         self.num_blocks = self._num_blocks(cache_config, scheduler_config)
-        self.num_spill_blocks = cache_config.swap_space // (self.kv_bytes_per_token * self.block_size)
+        self.num_spill_blocks = cache_config.swap_space_bytes // (self.kv_bytes_per_token * self.block_size)
         ps = get_parallel_state()
         if ps.world_size > 1:
             # Rank 0's block manager hands out block ids for every rank: all pools get the smallest size.
@@ -87,26 +82,13 @@ class ModelRunner:
         self.generator = torch.Generator().manual_seed(model_config.seed)
         self.token_text: Optional[Callable[[int], str]] = None  # set by the engine when it has a tokenizer
 
-    def _model_cost(self) -> ModelCost:
-        head = getattr(self.model, "lm_head", None)
-        head_params = head.in_features * head.out_features if hasattr(head, "in_features") else 0
-        linear_params = sum(m.in_features * m.out_features for m in self.model.modules()
-                            if hasattr(m, "in_features") and hasattr(m, "out_features") and m is not head
-                            and not any(isinstance(c, nn.Module) and hasattr(c, "in_features")
-                                        for c in m.children()))
-        attn = self.attn_layers[0]
-        return ModelCost(self.weight_bytes, self.kv_bytes_per_token, linear_params, head_params,
-                         len(self.attn_layers), attn.num_heads * attn.head_dim)
-
     @property
-    def flops_per_token(self) -> float:
-        """Matmul FLOPs to compute one token's forward, ~2 per weight (embeddings excluded)."""
-        return 2.0 * sum(m.weight.numel() for m in self.model.modules() if isinstance(m, torch.nn.Linear))
+    def weight_bytes(self) -> int:
+        return self.cost.weight_bytes
 
     @property
     def kv_bytes_per_token(self) -> int:
-        elem = torch.finfo(self.dtype).bits // 8
-        return sum(2 * a.num_kv_heads * a.head_dim * elem for a in self.attn_layers)
+        return self.cost.kv_bytes_per_token
 
     def _num_blocks(self, cache: CacheConfig, sched: SchedulerConfig) -> int:
         per_block = self.kv_bytes_per_token * self.block_size
