@@ -21,8 +21,30 @@ def reference():
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["demo"]
-    assert httpx.get(f"{server.url}/health").status_code == 200
-    assert "/v1/chat/completions" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    health = httpx.get(f"{server.url}/health")
+    assert health.status_code == 200 and health.headers["content-type"] == "application/json"
+    assert health.json() == {"status": "ok"}
+
+
+def test_openapi_documents_every_status_with_the_error_body(server):
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    error = schema["components"]["schemas"]["ErrorResponse"]
+    assert error["properties"]["error"]["$ref"] == "#/components/schemas/ErrorDetail"
+    assert set(schema["components"]["schemas"]["ErrorDetail"]["properties"]) == {"message", "type", "param", "code"}
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        responses = schema["paths"][path]["post"]["responses"]
+        assert set(responses) == {"200", "400", "401", "403", "404", "429", "503"}, path
+        for status in ("400", "401", "403", "404", "429", "503"):
+            ref = responses[status]["content"]["application/json"]["schema"]["$ref"]
+            assert ref == "#/components/schemas/ErrorResponse"
+    assert set(schema["paths"]["/v1/models"]["get"]["responses"]) == {"200", "401"}
+    assert set(schema["paths"]["/health"]["get"]["responses"]) == {"200", "503"}
+    # What the schema says is what the server sends: a real 400 and a real 404.
+    bad = httpx.post(f"{server.url}/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": -1})
+    missing = httpx.post(f"{server.url}/v1/completions", json={"model": "nope", "prompt": "x"})
+    for r, status, err_type in ((bad, 400, "invalid_request_error"), (missing, 404, "not_found_error")):
+        assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert r.json()["error"]["type"] == err_type
 
 
 def test_completion_matches_offline_engine(client, reference):

@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from tokenmill.server.errors import ERROR_TYPES, error_body
+
 logger = logging.getLogger(__name__)
 
 REASONS = ("auth", "rate_limit", "signature", "capacity", "bad_request")
-_ERR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-              429: "rate_limit_error", 503: "service_unavailable"}
 _BEARER = "bearer "
 
 
@@ -36,11 +36,11 @@ class Refusal(Exception):
         self.reason = reason
         self.message = message
         self.code = code
-        self.err_type = err_type or _ERR_TYPES.get(status, "server_error")
+        self.err_type = err_type or ERROR_TYPES.get(status, "server_error")
         self.retry_after = retry_after
 
     def to_openai_body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.err_type, "param": None, "code": self.code}}
+        return error_body(self.message, self.status, self.err_type, code=self.code)
 
 
 def _short(text: str, limit: int = 80) -> str:

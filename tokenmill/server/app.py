@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -15,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenmill.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from tokenmill.server.access import AccessController, Refusal
 from tokenmill.server.admission import Admission, CapacityLimits
+from tokenmill.server.errors import HealthResponse, error_body, error_responses
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.openai import OpenAIServing
 from tokenmill.server.protocol import BadRequest, ChatCompletionRequest, CompletionRequest
@@ -22,9 +24,10 @@ from tokenmill.server.protocol import BadRequest, ChatCompletionRequest, Complet
 logger = logging.getLogger(__name__)
 
 
-def error_body(message: str, err_type: str = "invalid_request_error", param: Optional[str] = None,
-               code: Optional[str] = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+# What each endpoint can answer besides 200, for the OpenAPI document (generated clients and
+# schema-driven fuzzers see the real API).
+_GENERATE_ERRORS = error_responses(400, 401, 403, 404, 429, 503)
+_MODELS_ERRORS = error_responses(401)
 
 
 def build_app(engine: AsyncLLMEngine, access: AccessController, limits: CapacityLimits,
@@ -42,8 +45,7 @@ def build_app(engine: AsyncLLMEngine, access: AccessController, limits: Capacity
     @app.exception_handler(BadRequest)
     async def _bad_request(_: Request, e: BadRequest) -> JSONResponse:
         metrics.reject("bad_request")
-        err_type = "invalid_request_error" if e.status != 404 else "not_found_error"
-        return JSONResponse(error_body(e.message, err_type, e.param, e.code), status_code=e.status)
+        return JSONResponse(error_body(e.message, e.status, param=e.param, code=e.code), status_code=e.status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -53,44 +55,61 @@ def build_app(engine: AsyncLLMEngine, access: AccessController, limits: Capacity
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         msg = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body') or 'body'}: {err.get('msg')}"
                         for err in errors[:5])
-        return JSONResponse(error_body(f"invalid request: {msg}", param=".".join(loc) or None), status_code=400)
+        return JSONResponse(error_body(f"invalid request: {msg}", 400, param=".".join(loc) or None), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code)
+        return JSONResponse(error_body(str(e.detail), e.status_code), status_code=e.status_code)
 
     @app.exception_handler(ValueError)
     async def _value(_: Request, e: ValueError) -> JSONResponse:
         metrics.reject("bad_request")
-        return JSONResponse(error_body(str(e)), status_code=400)
+        return JSONResponse(error_body(str(e), 400), status_code=400)
 
     @app.exception_handler(EngineDeadError)
     async def _dead(_: Request, e: EngineDeadError) -> JSONResponse:
-        return JSONResponse(error_body(str(e), "service_unavailable", code="engine_unavailable"), status_code=503)
+        return JSONResponse(error_body(str(e), 503, code="engine_unavailable"), status_code=503)
 
-    @app.get("/health")
-    async def health() -> Response:
-        return Response(status_code=200 if engine.is_serving else 503)
+    @app.get("/health", response_model=HealthResponse,
+             responses={503: {"model": HealthResponse, "description": "The engine is not serving."}})
+    async def health() -> JSONResponse:
+        serving_now = engine.is_serving
+        return JSONResponse(HealthResponse(status="ok" if serving_now else "unavailable").model_dump(),
+                            status_code=200 if serving_now else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_MODELS_ERRORS)
     async def models(request: Request) -> JSONResponse:
         access.keys.authenticate(request.headers.get("authorization"))
         return JSONResponse({"object": "list", "data": [
             {"id": name, "object": "model", "created": created, "owned_by": "tokenmill",
              "max_model_len": admission.max_model_len} for name in served_model_names]})
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_GENERATE_ERRORS)
     async def completions(body: CompletionRequest, request: Request):
         return await serving.completions(body, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_GENERATE_ERRORS)
     async def chat(body: ChatCompletionRequest, request: Request):
         return await serving.chat(body, request)
 
+    def openapi() -> dict[str, Any]:
+        # FastAPI documents a 422 for every body it validates; this server answers those with 400
+        # and the OpenAI error body (see _invalid), so the 422s would describe an API that is not.
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            for path in schema["paths"].values():
+                for op in path.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.admission import Admission
+from tokenmill.server.errors import error_body
 from tokenmill.server.protocol import BadRequest, ChatCompletionRequest, CompletionRequest
 
 
@@ -192,9 +193,8 @@ class OpenAIServing:
         finally:
             await outputs.aclose()  # aborts whatever has not finished
         if any(f is None or not f.finished for f in latest):
-            return JSONResponse(status_code=499, content={"error": {
-                "message": "client disconnected", "type": "invalid_request_error", "param": None,
-                "code": "client_closed_request"}})
+            return JSONResponse(status_code=499, content=error_body("client disconnected", 499,
+                                                                    code="client_closed_request"))
         finals: list[RequestOutput] = latest  # type: ignore[assignment]
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for job, final in zip(jobs, finals):
