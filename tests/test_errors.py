@@ -57,7 +57,7 @@ def test_bad_requests_refused_while_others_finish(make_checkpoint):
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     engine.add_request({"prompt_token_ids": p}, sp, request_id="good")
     engine.step()
-    with pytest.raises(ValueError, match="max_model_len is 64"):
+    with pytest.raises(ValueError, match=r"max_model_len\) is 64"):
         engine.add_request({"prompt_token_ids": [5] * 80}, sp)
     with pytest.raises(ValueError, match="empty"):
         engine.add_request("", sp)

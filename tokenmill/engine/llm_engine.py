@@ -12,6 +12,7 @@ from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.kv_tiers import SpillCostModel
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.model_runner import ModelRunner
+from tokenmill.engine.request_validation import RequestValidator
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Request
 from tokenmill.engine.stats import EngineStats
@@ -91,6 +92,8 @@ class LLMEngine:
                                           num_spill_blocks=runner.num_spill_blocks, cost_model=cost)
         self.eos_token_ids = _eos_token_ids(model_config.model, model_config.hf_config, self.tokenizer)
         self.scheduler = Scheduler(scheduler_config, self.block_manager, self.eos_token_ids)
+        self.validator = RequestValidator(model_config.hf_config.vocab_size, scheduler_config.max_model_len,
+                                          self.block_manager.num_blocks * self.block_manager.block_size)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats(kv_blocks_total=self.block_manager.num_blocks,
                                  spill_blocks_total=runner.num_spill_blocks)
@@ -118,20 +121,7 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         text, ids = self.tokenize(prompt)
-        vocab = self.model_config.hf_config.vocab_size
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if any(t < 0 or t >= vocab for t in ids):
-            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-        if any(t >= vocab for t in params.stop_token_ids):
-            raise ValueError(f"stop_token_ids must lie in [0, {vocab})")
-        max_len = self.scheduler_config.max_model_len
-        if len(ids) >= max_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {max_len} "
-                             "(prompt plus at least one generated token)")
-        pool_tokens = self.block_manager.num_blocks * self.block_manager.block_size
-        if len(ids) >= pool_tokens:
-            raise ValueError(f"the prompt has {len(ids)} tokens; the whole KV cache holds {pool_tokens}")
+        self.validator.check(ids, params)
         if request_id is None:
             request_id = str(self._next_id)
             self._next_id += 1

@@ -1,14 +1,15 @@
 """The bouncer: decides before anything is queued whether a request gets in.
 
-Order: the model name, whether the request could ever fit (400), then access control (401 / 403 /
-429, see access.py), then capacity (503 with Retry-After). A request refused at capacity costs
+Order: the model name, whether the request could ever fit (400, by the engine's own rules:
+engine/request_validation.py), then access control (401 / 403 / 429, see access.py), then capacity
+(503 with Retry-After). A request refused at capacity costs
 nothing, and those already admitted keep their latency.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from fastapi import Request
 
@@ -40,41 +41,15 @@ class Admission:
         self.limits = limits
         self.metrics = metrics
         self.served_model_names = served_model_names
-        sched = engine.engine.scheduler_config
-        self.max_model_len = sched.max_model_len
-        bm = engine.engine.block_manager
-        self.block_size, self.num_blocks = bm.block_size, bm.num_blocks
-        self.vocab_size = engine.engine.model_config.hf_config.vocab_size
+        self.validator = engine.engine.validator  # the engine's rules: one place says what fits
+        self.max_model_len = self.validator.max_model_len
+        self.block_size = engine.engine.block_manager.block_size
 
     def check_model(self, name: str) -> None:
         if name not in self.served_model_names:
             raise BadRequest(f"the model {name!r} does not exist; this server serves "
                              f"{', '.join(repr(n) for n in self.served_model_names)}",
                              param="model", code="model_not_found", status=404)
-
-    def check_fits(self, ids: list[int], max_tokens: Optional[int], param: str) -> int:
-        """400 unless the request could ever run; returns the effective max_tokens."""
-        if not ids:
-            raise BadRequest("the prompt is empty", param="prompt")
-        if any(not 0 <= t < self.vocab_size for t in ids):
-            raise BadRequest(f"prompt token ids must lie in [0, {self.vocab_size})", param="prompt")
-        room = self.max_model_len - len(ids)
-        if room < 1:
-            raise BadRequest(f"the prompt has {len(ids)} tokens; this model's maximum context length is "
-                             f"{self.max_model_len} tokens (prompt plus output)", param="messages"
-                             if param == "max_completion_tokens" else "prompt", code="context_length_exceeded")
-        if max_tokens is None:
-            max_tokens = room
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise BadRequest(f"{param} must be an integer >= 1, got {max_tokens!r}", param=param)
-        if max_tokens > room:
-            raise BadRequest(f"{param}={max_tokens} plus the prompt's {len(ids)} tokens exceeds this model's "
-                             f"maximum context length of {self.max_model_len} tokens", param=param,
-                             code="context_length_exceeded")
-        if -(-(len(ids) + 1) // self.block_size) > self.num_blocks:
-            raise BadRequest(f"the prompt has {len(ids)} tokens; the whole KV cache holds "
-                             f"{self.num_blocks * self.block_size}", param="prompt")
-        return max_tokens
 
     def admit(self, request: Request, jobs: list[Any]) -> None:
         """Access control, then capacity. Raises Refusal; counts every refusal by reason."""

@@ -14,12 +14,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from tokenmill.engine.request_validation import InvalidRequest
 from tokenmill.server.access import AccessController, Refusal
 from tokenmill.server.admission import Admission, CapacityLimits
 from tokenmill.server.errors import HealthResponse, error_body, error_responses
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.openai import OpenAIServing
-from tokenmill.server.protocol import BadRequest, ChatCompletionRequest, CompletionRequest
+from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,11 @@ def build_app(engine: AsyncLLMEngine, access: AccessController, limits: Capacity
         headers = {"Retry-After": str(int(r.retry_after))} if r.retry_after not in (None, float("inf")) else None
         return JSONResponse(r.to_openai_body(), status_code=r.status, headers=headers)
 
-    @app.exception_handler(BadRequest)
-    async def _bad_request(_: Request, e: BadRequest) -> JSONResponse:
+    @app.exception_handler(InvalidRequest)  # the engine's rules, and the server's (BadRequest)
+    async def _bad_request(_: Request, e: InvalidRequest) -> JSONResponse:
         metrics.reject("bad_request")
-        return JSONResponse(error_body(e.message, e.status, param=e.param, code=e.code), status_code=e.status)
+        status = getattr(e, "status", 400)
+        return JSONResponse(error_body(e.message, status, param=e.param, code=e.code), status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:

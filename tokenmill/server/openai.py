@@ -71,12 +71,13 @@ class OpenAIServing:
     def _jobs(self, prompts: list[list[int]], make_params, headers: Any, max_tokens: Optional[int],
               max_tokens_param: str) -> list[Job]:
         jobs, choice = [], 0
+        validator = self.admission.validator
         for ids in prompts:
-            limit = self.admission.check_fits(ids, max_tokens, max_tokens_param)
-            params = make_params(limit)
-            if any(t >= self.admission.vocab_size for t in params.stop_token_ids):
-                raise BadRequest(f"stop_token_ids must lie in [0, {self.admission.vocab_size})",
-                                 param="stop_token_ids")
+            # No max_tokens: the rest of the context (a prompt that leaves none fails the check).
+            params = make_params(max_tokens if max_tokens is not None else max(1, validator.room(ids)))
+            prompt_param = "messages" if max_tokens_param == "max_completion_tokens" else "prompt"
+            validator.check(ids, params, max_tokens_must_fit=True, prompt_param=prompt_param,
+                            max_tokens_param=max_tokens_param)
             jobs.append(Job(f"cmpl-{uuid.uuid4().hex}", ids, params, choice))
             choice += params.n
         return jobs

@@ -5,18 +5,20 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tokenmill.engine.request_validation import InvalidRequest
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
-class BadRequest(ValueError):
-    """A request the server understood but cannot serve; carries the parameter at fault."""
+class BadRequest(InvalidRequest):
+    """A request the server understood but cannot serve; carries the parameter at fault and the
+    status (400, or 404 for an unknown model)."""
 
     def __init__(self, message: str, param: Optional[str] = None, code: Optional[str] = None,
                  status: int = 400) -> None:
-        super().__init__(message)
-        self.message, self.param, self.code, self.status = message, param, code, status
+        super().__init__(message, param, code)
+        self.status = status
 
 
 class StreamOptions(BaseModel):
