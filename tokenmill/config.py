@@ -14,6 +14,18 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.b
            "float16": torch.float16, "half": torch.float16}
 
 
+def eos_token_ids(generation_config: Any, hf_config: Any, tokenizer: Any) -> set[int]:
+    """The tokens that end a generation, as transformers' generate reads them: the generation
+    config's eos_token_id, else the model config's, else the tokenizer's (each may be a list)."""
+    for source in (generation_config, hf_config, tokenizer):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(eos, int):
+            return {eos}
+        if isinstance(eos, (list, tuple)) and eos:
+            return {int(t) for t in eos}
+    return set()
+
+
 def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: Optional[str], device: torch.device) -> torch.dtype:
     """Pick the compute dtype.
 

@@ -37,6 +37,8 @@ from typing import Any, Sequence, Union
 
 from tqdm import tqdm
 
+from tokenmill.config import eos_token_ids
+
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL = str(Path(__file__).resolve().parents[1] / "demo_model")
@@ -107,14 +109,6 @@ def prepare(tokenizer: Any, passages: Sequence[Union[str, Example]]) -> list[Exa
     return out
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
-
-
 def _score(tokenizer: Any, examples: list[Example], generated: list[list[int]]) -> tuple[int, list[str]]:
     preds = [predict_word(tokenizer.decode(ids, skip_special_tokens=True)) for ids in generated]
     return sum(p == ex.target for p, ex in zip(preds, examples)), preds
@@ -134,7 +128,7 @@ def evaluate_transformers(model: Any, tokenizer: Any, passages: Sequence[Union[s
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         pad = 0
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_token_ids(model.generation_config, model.config, tokenizer)
     device = next(model.parameters()).device
 
     def run_batch(batch: list[list[int]]) -> list[list[int]]:

@@ -26,7 +26,7 @@ from typing import Callable, Optional, Union
 
 import xxhash
 
-from tokenmill.engine.kv_tiers import CachedContent, SpillCostModel, SpillTier
+from tokenmill.engine.kv_tiers import BlockCopy, CachedContent, SpillCostModel, SpillTier
 from tokenmill.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class BlockManager:
         # Keys of every block ever computed (bounded), to tell a recomputation from a first computation.
         self._seen: OrderedDict[int, None] = OrderedDict()
         self._seen_limit = 1 << 20
-        self.pending_copies: list[tuple[str, int, int]] = []  # ("out", device, spill) / ("in", spill, device)
+        self.pending_copies: list[BlockCopy] = []
 
     # -- capacity -------------------------------------------------------------------------
     @property
@@ -193,7 +193,7 @@ class BlockManager:
                     seq.block_cids.append(self.contents[item].cid)
                     continue
                 block = self._take_free_block()
-                self.pending_copies.append(("in", reserved[item.cid], block))
+                self.pending_copies.append(BlockCopy("in", reserved[item.cid], block))
                 self._register(block, item)
                 seq.block_table.append(block)
                 seq.block_cids.append(item.cid)
@@ -220,7 +220,7 @@ class BlockManager:
             self.stats.evictions += 1
             spill_block = self.spill.put(content) if self.spill is not None else None
             if spill_block is not None:
-                self.pending_copies.append(("out", block, spill_block))
+                self.pending_copies.append(BlockCopy("out", block, spill_block))
                 self.stats.swaps_out += 1
         self.ref_counts[block] = 1
         return block
@@ -275,6 +275,6 @@ class BlockManager:
         seq.block_table = []
         seq.block_cids = []
 
-    def take_copies(self) -> list[tuple[str, int, int]]:
+    def take_copies(self) -> list[BlockCopy]:
         copies, self.pending_copies = self.pending_copies, []
         return copies

@@ -1,10 +1,19 @@
-"""What a cached block holds, the spill tier's bookkeeping, and the cost model choosing between
-copying a spilled block back and recomputing its tokens."""
+"""What a cached block holds, the spill tier's bookkeeping, the copies between the tiers, and the
+cost model choosing between copying a spilled block back and recomputing its tokens."""
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, NamedTuple, Optional
+
+
+class BlockCopy(NamedTuple):
+    """One KV block copy, run before the step's forward: "out" copies pool block `src` to spill
+    block `dst`, "in" copies spill block `src` back into pool block `dst`."""
+
+    direction: Literal["out", "in"]
+    src: int
+    dst: int
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import logging
 import time
 from typing import Any, Optional, Union
 
-from tokenmill.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from tokenmill.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, eos_token_ids
 from tokenmill.devices import peaks
 from tokenmill.distributed.parallel_state import get_parallel_state
 from tokenmill.engine.block_manager import BlockManager
@@ -24,23 +24,13 @@ logger = logging.getLogger(__name__)
 PromptType = Union[str, dict[str, Any]]
 
 
-def _eos_token_ids(model_path: str, hf_config: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    try:
-        from transformers import GenerationConfig
+def _generation_config(model_path: str) -> Any:
+    from transformers import GenerationConfig
 
-        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
-    except (OSError, ValueError):
-        eos = None
-    for source in (eos, getattr(hf_config, "eos_token_id", None),
-                   getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None):
-        if isinstance(source, int):
-            ids.add(source)
-        elif isinstance(source, (list, tuple)):
-            ids.update(int(t) for t in source)
-        if ids:
-            break
-    return ids
+    try:
+        return GenerationConfig.from_pretrained(model_path)
+    except (OSError, ValueError):  # no generation_config.json: the other sources decide
+        return None
 
 
 class LLMEngine:
@@ -90,7 +80,8 @@ class LLMEngine:
         self.block_manager = BlockManager(runner.num_blocks, cache_config.block_size,
                                           enable_prefix_caching=cache_config.enable_prefix_caching,
                                           num_spill_blocks=runner.num_spill_blocks, cost_model=cost)
-        self.eos_token_ids = _eos_token_ids(model_config.model, model_config.hf_config, self.tokenizer)
+        self.eos_token_ids = eos_token_ids(_generation_config(model_config.model), model_config.hf_config,
+                                           self.tokenizer)
         self.scheduler = Scheduler(scheduler_config, self.block_manager, self.eos_token_ids)
         self.validator = RequestValidator(model_config.hf_config.vocab_size, scheduler_config.max_model_len,
                                           self.block_manager.num_blocks * self.block_manager.block_size)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tokenmill.engine.kv_tiers import BlockCopy
 from tokenmill.engine.persistent_batch import BatchDiff, BatchDiffer, PersistentBatch
 from tokenmill.engine.sequence import Sequence
 from tokenmill.layers.attention import AttentionContext
@@ -48,7 +49,7 @@ class MicroBatch:
 
 @dataclass
 class StepInput:
-    block_copies: list[tuple[str, int, int]]
+    block_copies: list[BlockCopy]
     diff: BatchDiff
     micro_batches: list[MicroBatch]
 
@@ -128,7 +129,7 @@ def build_micro_batch(scheduled: list[tuple[Sequence, int]]) -> MicroBatch:
     return mb
 
 
-def build_step(differ: BatchDiffer, scheduled: list[tuple[Sequence, int]], block_copies: list[tuple[str, int, int]],
+def build_step(differ: BatchDiffer, scheduled: list[tuple[Sequence, int]], block_copies: list[BlockCopy],
                num_micro_batches: int) -> StepInput:
     groups = split_micro_batches(scheduled, num_micro_batches)
     return StepInput(list(block_copies), differ.diff([s for s, _ in scheduled]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -13,7 +14,8 @@ from tokenmill.config import CacheConfig, ModelConfig, SchedulerConfig
 from tokenmill.distributed.parallel_state import get_parallel_state
 from tokenmill.engine.model_input import MicroBatch, StepInput, build_step, model_input, sampled_seqs
 from tokenmill.engine.persistent_batch import BatchDiffer, PersistentBatch
-from tokenmill.engine.scheduler import SampledToken, SchedulerOutput
+from tokenmill.engine.kv_tiers import BlockCopy
+from tokenmill.engine.scheduler import SchedulerOutput
 from tokenmill.engine.utilization import UtilizationMeter
 from tokenmill.model_cost import ModelCost
 from tokenmill.layers.attention import PagedAttention, set_attention_context
@@ -30,6 +32,15 @@ _CUDA_MEMORY_FRACTION = 0.9
 _CUDA_ACTIVATION_RESERVE = 1 << 30
 # On CPU, share of the RAM available at start-up that the KV pool may take by default.
 _CPU_MEMORY_FRACTION = 0.25
+
+
+@dataclass
+class SampledToken:
+    """What a step produced for one sequence."""
+
+    token_id: int
+    logprob: float
+    top_logprobs: Optional[dict[int, Logprob]] = None  # when the request asked for logprobs
 
 
 def _available_ram() -> int:
@@ -198,7 +209,7 @@ class ModelRunner:
                 results.append(logits)
         return results
 
-    def _copy_blocks(self, copies: list[tuple[str, int, int]]) -> None:
+    def _copy_blocks(self, copies: list[BlockCopy]) -> None:
         """Move blocks between the pool and the spill tier, in the order the block manager asked."""
         for direction, src, dst in copies:
             if direction == "out":

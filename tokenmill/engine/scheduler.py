@@ -12,11 +12,15 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from tokenmill.config import SchedulerConfig
 from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.kv_tiers import BlockCopy
 from tokenmill.engine.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:  # the runner imports this module
+    from tokenmill.engine.model_runner import SampledToken
 
 logger = logging.getLogger(__name__)
 
@@ -28,19 +32,11 @@ class SchedulerOutput:
     scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
     num_batched_tokens: int = 0
     num_preempted: int = 0
-    # KV block copies to run before the forward, in order: ("out", device, spill) / ("in", spill, device)
-    block_copies: list[tuple[str, int, int]] = field(default_factory=list)
+    block_copies: list[BlockCopy] = field(default_factory=list)  # run before the forward, in order
 
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
-
-
-@dataclass
-class SampledToken:
-    token_id: int
-    logprob: float
-    top_logprobs: Optional[dict] = None  # token id -> Logprob, when the request asked for them
 
 
 class Scheduler:

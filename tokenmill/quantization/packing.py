@@ -38,9 +38,10 @@ import math
 import torch
 from torch import Tensor
 
+from tokenmill.quantization.config import SUPPORTED_BITS
+
 logger = logging.getLogger(__name__)
 
-SUPPORTED_BITS = (2, 3, 4, 8)
 _WORD_MASK = 0xFFFFFFFF
 
 
