@@ -66,6 +66,3 @@ class IncrementalDetokenizer:
         if finished or self.holdback == 0:
             return len(self.text)
         return max(0, len(self.text) - self.holdback)
-
-    def visible_text(self, finished: bool) -> str:
-        return self.text[:self.visible_len(finished)]

@@ -89,7 +89,7 @@ class Request:
     """One user request: the prompt, its parameters and the n sequences that answer it."""
 
     def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
-                 params: SamplingParams, engine_seed: int) -> None:
+                 params: SamplingParams) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids

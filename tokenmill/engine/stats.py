@@ -1,7 +1,7 @@
 """The numbers that describe load, kept every step: batch size and KV usage first."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass
@@ -34,9 +34,3 @@ class EngineStats:
     @property
     def prefix_cache_hit_rate(self) -> float:
         return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
-
-    def as_dict(self) -> dict[str, float]:
-        d = asdict(self)
-        d["kv_cache_usage"] = self.kv_cache_usage
-        d["prefix_cache_hit_rate"] = self.prefix_cache_hit_rate
-        return d

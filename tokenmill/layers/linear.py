@@ -16,7 +16,7 @@ rank can load its file as is (`presharded`). With one rank every cut is the iden
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -211,7 +211,3 @@ class ParallelLMHead(_ShardedLoad, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(self, x, self.weight, self.bias)
-
-
-def shard_spec_of(module: Any) -> Optional[ShardSpec]:
-    return getattr(module, "spec", None)
