@@ -7,8 +7,11 @@ import math
 
 import pytest
 
-from tokenmill.server.access import (AccessController, KeyInfo, KeyStore, RateLimiter, Refusal,
-                                     SignaturePolicy, TokenBucket)
+from tokenmill.server.access import AccessController
+from tokenmill.server.api_keys import KeyInfo, KeyStore
+from tokenmill.server.rate_limit import RateLimiter, TokenBucket
+from tokenmill.server.refusal import Refusal
+from tokenmill.server.signature import SignaturePolicy
 
 SECRET = "sk-very-secret-123"
 

@@ -14,9 +14,10 @@ from typing import Any
 from fastapi import Request
 
 from tokenmill.engine.async_engine import AsyncLLMEngine
-from tokenmill.server.access import AccessController, Refusal
+from tokenmill.server.access import AccessController
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import BadRequest
+from tokenmill.server.refusal import Refusal
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from typing import Any, Optional
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,12 +15,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from tokenmill.engine.request_validation import InvalidRequest
-from tokenmill.server.access import AccessController, Refusal
+from tokenmill.server.access import AccessController
 from tokenmill.server.admission import Admission, CapacityLimits
 from tokenmill.server.errors import HealthResponse, error_body, error_responses
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.openai import OpenAIServing
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
+from tokenmill.server.refusal import Refusal
 
 logger = logging.getLogger(__name__)
 
