@@ -8,7 +8,7 @@ from tokenmill.sampling_params import SamplingParams
 
 
 def seq_of(tokens: list[int]):
-    return Request(str(tokens[:3]), None, list(tokens), SamplingParams(), 0).seqs[0]
+    return Request(str(tokens[:3]), None, list(tokens), SamplingParams()).seqs[0]
 
 
 def run_prefill(bm: BlockManager, tokens: list[int]):

@@ -39,7 +39,7 @@ def test_demo_chat_template(demo_llm):
                         SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
     tok = demo_llm.get_tokenizer()
     expected = tok.apply_chat_template([{"role": "user", "content": "What is a dictionary?"}],
-                                       add_generation_prompt=True)
+                                       add_generation_prompt=True, return_dict=False)
     assert out.prompt_token_ids == list(expected)
     assert out.outputs[0].token_ids
 

@@ -93,6 +93,7 @@ def stream(engine, prompt, params, out=sys.stdout) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from tokenmill.llm import LLM
+    from tokenmill.tokenizer import chat_template_ids
 
     params = _sampling_params(args)
     llm = LLM(**engine_kwargs(args))
@@ -101,8 +102,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.interactive:
         prompt = args.prompt
         if args.chat:
-            prompt = {"prompt_token_ids": tok.apply_chat_template([{"role": "user", "content": prompt}],
-                                                                  add_generation_prompt=True)}
+            prompt = {"prompt_token_ids": chat_template_ids(tok, [{"role": "user", "content": prompt}])}
         stream(engine, prompt, params)
         return 0
     print("tokenmill chat on", args.model or "the demo model", "- empty line or Ctrl-D to quit", file=sys.stderr)
@@ -115,8 +115,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not line.strip():
             break
         history.append({"role": "user", "content": line})
-        ids = tok.apply_chat_template(history, add_generation_prompt=True)
-        reply = stream(engine, {"prompt_token_ids": list(ids)}, params)
+        reply = stream(engine, {"prompt_token_ids": chat_template_ids(tok, history)}, params)
         history.append({"role": "assistant", "content": reply.strip()})
     return 0
 

@@ -11,6 +11,7 @@ from tokenmill.config import CacheConfig, ModelConfig, ParallelConfig, Scheduler
 from tokenmill.engine.llm_engine import LLMEngine, PromptType
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
+from tokenmill.tokenizer import chat_template_ids
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,5 @@ class LLM:
             for m in conv:
                 if not isinstance(m, dict) or "role" not in m or "content" not in m:
                     raise ValueError(f"each message needs 'role' and 'content', got {m!r}")
-            ids = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=True)
-            prompts.append({"prompt_token_ids": list(ids)})
+            prompts.append({"prompt_token_ids": chat_template_ids(tok, conv, add_generation_prompt)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

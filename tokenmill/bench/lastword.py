@@ -38,6 +38,7 @@ from typing import Any, Sequence, Union
 from tqdm import tqdm
 
 from tokenmill.config import eos_token_ids
+from tokenmill.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def _line(name: str, correct: int, total: int, elapsed: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from tokenmill import LLM
 
@@ -216,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
     if not passages:
         raise ValueError(f"no passages in {args.data!r}")
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     examples = prepare(tokenizer, passages)
     max_pos = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
     longest = max(len(ex.context_ids) for ex in examples)

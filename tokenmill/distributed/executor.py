@@ -84,6 +84,7 @@ class MultiprocExecutor:
         self.procs: list[subprocess.Popen] = []
         self.failed: Optional[DistributedError] = None
         self.ready = False  # set by the engine once every rank is in its step loop
+        self.closed = False  # after shutdown: the process group may belong to a newer engine by then
         self._threads = torch.get_num_threads()
         # Starting a worker (imports, then the rendezvous) may take longer than any step; one that
         # dies on the way is seen at once, so this bound only catches a start-up that hangs.
@@ -203,7 +204,11 @@ class MultiprocExecutor:
 
     def shutdown(self, graceful: bool = True) -> None:
         """Stop the workers and leave the process group. Gracefully (a stop message) only when they
-        are idle in their step loop; otherwise, or if they do not stop, they are killed."""
+        are idle in their step loop; otherwise, or if they do not stop, they are killed. Only the
+        first call does anything (a deleted LLM may be collected after the next one started)."""
+        if self.closed:
+            return
+        self.closed = True
         if graceful and self.ready and self.failed is None and dist.is_initialized():
             try:  # None is the workers' signal to stop
                 send_object(None, self.parallel.distributed_timeout_seconds)

@@ -17,6 +17,7 @@ from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Request
 from tokenmill.engine.stats import EngineStats
 from tokenmill.outputs import CompletionOutput, RequestOutput
+from tokenmill.tokenizer import load_tokenizer
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -60,13 +61,7 @@ class LLMEngine:
     def _init(self, model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig) -> None:
         self.tokenizer = None
         if not model_config.skip_tokenizer_init:
-            from transformers import AutoTokenizer
-
-            try:
-                self.tokenizer = AutoTokenizer.from_pretrained(model_config.model)
-            except Exception as e:  # transformers raises several types (OSError, ImportError, ...)
-                raise ValueError(f"cannot load the tokenizer from {model_config.model!r} (pass "
-                                 f"skip_tokenizer_init=True to run on token ids): {e}") from e
+            self.tokenizer = load_tokenizer(model_config.model)
         self.model_runner = ModelRunner(model_config, cache_config, scheduler_config, self.executor)
         if self.tokenizer is not None:
             tok = self.tokenizer

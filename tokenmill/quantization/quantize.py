@@ -29,6 +29,7 @@ from tokenmill.quantization.config import QuantizeConfig
 from tokenmill.quantization.gptq import GPTQ
 from tokenmill.quantization.packing import dequantize_gptq, pack_gptq
 from tokenmill.quantization.rtn import rtn_quantize
+from tokenmill.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def _quantize_module(name: str, module: nn.Module, gptq: GPTQ, settings: dict[st
 def quantize_model(model_dir: str, out_dir: str, qcfg: QuantizeConfig, method: str = "gptq",
                    calibration: Optional[str] = None, num_samples: int = 128, seq_len: int = 2048,
                    seed: int = 0, max_shard_size: int = 2 << 30) -> QuantizeReport:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if method not in ("gptq", "rtn"):
         raise ValueError(f"method must be gptq or rtn, got {method!r}")
@@ -171,7 +172,7 @@ def quantize_model(model_dir: str, out_dir: str, qcfg: QuantizeConfig, method: s
         raise ValueError("num_samples must be >= 1 and seq_len >= 2")
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     if qcfg.lm_head and hf.config.tie_word_embeddings:
         raise ValueError("--lm-head: this model ties lm_head to the input embeddings; quantizing it would "

@@ -18,6 +18,7 @@ from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.admission import Admission
 from tokenmill.server.errors import error_body
+from tokenmill.tokenizer import chat_template_ids
 from tokenmill.server.protocol import BadRequest, ChatCompletionRequest, CompletionRequest
 
 
@@ -97,7 +98,7 @@ class OpenAIServing:
         if not getattr(self.tokenizer, "chat_template", None):
             raise BadRequest("this model's tokenizer has no chat template", param="messages")
         try:
-            ids = list(self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True))
+            ids = chat_template_ids(self.tokenizer, conversation)
         except TemplateError as e:  # e.g. a template that insists roles alternate
             raise BadRequest(f"the chat template refused these messages: {e}", param="messages") from e
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
