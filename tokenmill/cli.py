@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from tokenmill.quantization.config import SUPPORTED_BITS
+
 logger = logging.getLogger("tokenmill")
 
 DEMO_MODEL = str(Path(__file__).parent / "demo_model")
@@ -123,7 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="float checkpoint folder")
     p.add_argument("out", help="output folder")
-    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    p.add_argument("--bits", type=int, default=4, choices=list(SUPPORTED_BITS))
     p.add_argument("--group-size", type=int, default=128, help="-1: one group per input row")
     p.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by descending H diagonal")
     sym = p.add_mutually_exclusive_group()

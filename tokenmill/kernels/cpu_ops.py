@@ -20,8 +20,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("cpu_gemv.cpp", "cpu_attention.cpp")]
-_HEADERS = [Path(__file__).with_name("cpu_simd.h")]
+# Resolved: the same sources reached through a symlink must not look like new ones (a rebuild).
+_SOURCES = [Path(__file__).resolve().with_name(n) for n in ("cpu_gemv.cpp", "cpu_attention.cpp")]
+_HEADERS = [Path(__file__).resolve().with_name("cpu_simd.h")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
