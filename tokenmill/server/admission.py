@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
-
-from fastapi import Request
+from typing import Any, Mapping
 
 from tokenmill.engine.async_engine import AsyncLLMEngine
 from tokenmill.server.access import AccessController
@@ -52,10 +50,11 @@ class Admission:
                              f"{', '.join(repr(n) for n in self.served_model_names)}",
                              param="model", code="model_not_found", status=404)
 
-    def admit(self, request: Request, jobs: list[Any]) -> None:
-        """Access control, then capacity. Raises Refusal; counts every refusal by reason."""
+    def admit(self, headers: Mapping[str, str], jobs: list[Any]) -> None:
+        """Access control (from the request's HTTP headers or gRPC metadata), then capacity.
+        Raises Refusal; counts every refusal by reason."""
         try:
-            key = self.access.admit(request.headers.get("authorization"), request.headers,
+            key = self.access.admit(headers.get("authorization"), headers,
                                     sum(len(j.prompt_ids) + j.params.max_tokens * j.params.n for j in jobs))
             self._check_capacity(jobs, key.key_id if key is not None else "anonymous")
         except Refusal as r:

@@ -18,6 +18,8 @@ from tokenmill.engine.request_validation import InvalidRequest
 from tokenmill.server.access import AccessController
 from tokenmill.server.admission import Admission, CapacityLimits
 from tokenmill.server.errors import HealthResponse, error_body, error_responses
+from tokenmill.server.kserve.http import kserve_router
+from tokenmill.server.kserve.serving import KServeServing
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.openai import OpenAIServing
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -37,6 +39,7 @@ def build_app(engine: AsyncLLMEngine, access: AccessController, limits: Capacity
     app = FastAPI(title="tokenmill", description="OpenAI-compatible LLM server")
     admission = Admission(engine, access, limits, metrics, served_model_names)
     serving = OpenAIServing(admission)
+    app.include_router(kserve_router(KServeServing(serving, served_model_names)))  # /v2: Triton's protocol
     created = int(time.time())
 
     @app.exception_handler(Refusal)

@@ -89,7 +89,7 @@ class OpenAIServing:
             raise BadRequest("echo is not supported", param="echo")
         jobs = self._jobs(self._prompts(body), lambda mt: body.sampling_params(mt, body.logprobs),
                           request.headers, body.max_tokens, "max_tokens")
-        self.admission.admit(request, jobs)
+        self.admission.admit(request.headers, jobs)
         return await self._respond(body, jobs, request, chat=False)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Union[JSONResponse, StreamingResponse]:
@@ -105,7 +105,7 @@ class OpenAIServing:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         jobs = self._jobs([ids], lambda mt: body.sampling_params(mt, logprobs), request.headers, max_tokens, param)
-        self.admission.admit(request, jobs)
+        self.admission.admit(request.headers, jobs)
         return await self._respond(body, jobs, request, chat=True)
 
     # -- running and formatting -----------------------------------------------------------
