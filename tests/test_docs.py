@@ -62,7 +62,7 @@ def server(scratch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--served-model-name", "demo",
+    proc = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--served-model-name", "demo", "--grpc-port", "0",
                              "--port", str(port)], cwd=scratch, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from typing import Any
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,6 +20,7 @@ from tokenmill.engine.request_validation import InvalidRequest
 from tokenmill.server.access import AccessController
 from tokenmill.server.admission import Admission, CapacityLimits
 from tokenmill.server.errors import HealthResponse, error_body, error_responses
+from tokenmill.server.kserve.grpc_server import start_grpc_server
 from tokenmill.server.kserve.http import kserve_router
 from tokenmill.server.kserve.serving import KServeServing
 from tokenmill.server.metrics import ServerMetrics
@@ -35,11 +38,26 @@ _MODELS_ERRORS = error_responses(401)
 
 
 def build_app(engine: AsyncLLMEngine, access: AccessController, limits: CapacityLimits,
-              metrics: ServerMetrics, served_model_names: list[str]) -> FastAPI:
-    app = FastAPI(title="tokenmill", description="OpenAI-compatible LLM server")
+              metrics: ServerMetrics, served_model_names: list[str],
+              grpc_address: Optional[tuple[str, int]] = None) -> FastAPI:
+    """The server's routes; with grpc_address, the gRPC inference service runs beside them on the
+    same event loop (started and stopped with the app)."""
     admission = Admission(engine, access, limits, metrics, served_model_names)
     serving = OpenAIServing(admission)
-    app.include_router(kserve_router(KServeServing(serving, served_model_names)))  # /v2: Triton's protocol
+    kserve = KServeServing(serving, served_model_names)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        grpc_server = await start_grpc_server(kserve, *grpc_address) if grpc_address else None
+        try:
+            yield
+        finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=1.0)
+
+    app = FastAPI(title="tokenmill", description="OpenAI-compatible LLM server, and Triton's (KServe v2) protocol",
+                  lifespan=lifespan)
+    app.include_router(kserve_router(kserve))  # /v2/...: the open inference protocol
     created = int(time.time())
 
     @app.exception_handler(Refusal)
@@ -124,6 +142,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="names clients use for the model (default: the model folder's name)")
+    p.add_argument("--grpc-port", type=int, default=8001,
+                   help="port of the gRPC inference service (Triton's protocol; 0: off)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="also serve /metrics' Prometheus text on this port, as Triton does on 8002 (default: off)")
     p.add_argument("--api-key", default=None, help="one API key clients must send as a Bearer token")
     p.add_argument("--api-keys-file", default=None, help="JSON file of keys with ids and optional quotas")
     p.add_argument("--signature-policy-file", default=None,
@@ -149,7 +171,12 @@ def run_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
     limits = CapacityLimits(max_num_queued_reqs=args.max_num_queued_reqs or 2 * sched.max_num_seqs,
                             max_num_queued_tokens=args.max_num_queued_tokens or 4 * sched.max_num_batched_tokens)
     engine = AsyncLLMEngine(core, on_step=metrics.on_step)
-    app = build_app(engine, access, limits, metrics, names)
+    app = build_app(engine, access, limits, metrics, names,
+                    grpc_address=(args.host, args.grpc_port) if args.grpc_port else None)
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
     logger.info("serving %s on http://%s:%d", names[0], args.host, args.port)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -1,0 +1,144 @@
+"""The open inference protocol over gRPC: `inference.GRPCInferenceService`, as Triton serves it
+(ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer, and
+ModelStreamInfer with one response per generated step, the last flagged `triton_final_response`).
+
+It runs on the HTTP server's event loop (started and stopped with the app), so both front ends
+share one engine, one bouncer and one set of metrics. Stubs: tokenmill/server/kserve/protos
+(scripts/gen_protos.sh).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Optional
+
+import grpc
+import numpy as np
+
+from tokenmill.server.kserve.http import _server_version
+from tokenmill.server.kserve.protos import grpc_service_pb2 as pb
+from tokenmill.server.kserve.protos import grpc_service_pb2_grpc as pb_grpc
+from tokenmill.server.kserve.serving import VERSION, KServeError, KServeServing
+from tokenmill.server.kserve.tensors import TensorError, datatype_of, from_bytes, from_json, to_bytes
+
+logger = logging.getLogger(__name__)
+
+# Typed contents (when a client sends no raw bytes) by datatype.
+_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+             "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+             "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+
+def _parameter(p: Any) -> Any:
+    return getattr(p, p.WhichOneof("parameter_choice")) if p.WhichOneof("parameter_choice") else None
+
+
+def _inputs(request: Any) -> dict[str, np.ndarray]:
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise TensorError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+    out: dict[str, np.ndarray] = {}
+    for i, t in enumerate(request.inputs):
+        if t.name in out:
+            raise TensorError(f"input {t.name!r} is given twice")
+        shape = tuple(int(d) for d in t.shape)
+        if any(d < 0 for d in shape):
+            raise TensorError(f"input {t.name!r}: shape must be non-negative, got {list(shape)}")
+        if raw:
+            out[t.name] = from_bytes(t.name, t.datatype, shape, raw[i])
+            continue
+        field = _CONTENTS.get(t.datatype)
+        if field is None:
+            raise TensorError(f"input {t.name!r}: datatype {t.datatype!r} cannot be sent as typed contents")
+        values = list(getattr(t.contents, field))
+        if t.datatype == "BYTES":
+            values = [v.decode("utf-8", errors="strict") for v in values]
+        out[t.name] = from_json(t.name, t.datatype, shape, values)
+    return out
+
+
+def _response(model: str, request_id: str, outputs: dict[str, np.ndarray], final: Optional[bool] = None) -> Any:
+    resp = pb.ModelInferResponse(model_name=model, model_version=VERSION, id=request_id)
+    for name, array in outputs.items():
+        resp.outputs.add(name=name, datatype=datatype_of(array), shape=list(array.shape))
+        resp.raw_output_contents.append(to_bytes(array))
+    if final is not None:
+        resp.parameters["triton_final_response"].bool_param = final
+    return resp
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, kserve: KServeServing) -> None:
+        self.kserve = kserve
+
+    async def _abort(self, context: Any, e: Exception) -> None:
+        err = KServeError.of(e)
+        await context.abort(getattr(grpc.StatusCode, err.grpc_code), err.message)
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return pb.ServerReadyResponse(ready=self.kserve.ready)
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        try:
+            self.kserve.check_model(request.name, request.version)
+        except KServeError as e:
+            await self._abort(context, e)
+        return pb.ModelReadyResponse(ready=self.kserve.ready)
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        return pb.ServerMetadataResponse(name="tokenmill", version=_server_version(),
+                                         extensions=["binary_tensor_data", "generate"])
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        try:
+            self.kserve.check_model(request.name, request.version)
+        except KServeError as e:
+            await self._abort(context, e)
+        md = self.kserve.metadata(request.name)
+        resp = pb.ModelMetadataResponse(name=md["name"], versions=md["versions"], platform=md["platform"])
+        for t in md["inputs"]:
+            resp.inputs.add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+        for t in md["outputs"]:
+            resp.outputs.add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+        return resp
+
+    def _parse(self, request: Any, context: Any) -> tuple[dict[str, np.ndarray], Optional[list[str]], dict, dict]:
+        self.kserve.check_model(request.model_name, request.model_version)
+        inputs = _inputs(request)
+        wanted = [o.name for o in request.outputs] or None
+        params = {k: _parameter(v) for k, v in request.parameters.items()}
+        headers = {k.lower(): v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        return inputs, wanted, params, headers
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        try:
+            inputs, wanted, params, headers = self._parse(request, context)
+            outputs = await self.kserve.infer(inputs, wanted, headers, params)
+        except (KServeError, ValueError) as e:
+            await self._abort(context, e)
+        return _response(request.model_name, request.id, outputs)
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        # A bad request is answered in the stream (error_message), which stays open for the next.
+        async for request in request_iterator:
+            try:
+                inputs, wanted, params, headers = self._parse(request, context)
+                async for tensors, final in self.kserve.stream(inputs, wanted, headers, params):
+                    yield pb.ModelStreamInferResponse(infer_response=_response(request.model_name, request.id,
+                                                                               tensors, final))
+            except (KServeError, ValueError) as e:
+                yield pb.ModelStreamInferResponse(error_message=KServeError.of(e).message)
+
+
+async def start_grpc_server(kserve: KServeServing, host: str, port: int) -> Any:
+    server = grpc.aio.server()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(kserve), server)
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise OSError(f"cannot listen for gRPC on {host}:{port}")
+    await server.start()
+    logger.info("gRPC inference service on %s:%d", host, port)
+    return server
