@@ -1,0 +1,195 @@
+"""Triton's (KServe v2) protocol, driven by the official tritonclient over HTTP and gRPC: the
+FasterTransformer client flow (tokenize, send input_ids / input_lengths / request_output_len,
+receive output_ids, detokenize), binary and JSON tensors, batches of rows, gRPC streaming, the
+generate extension, metadata and readiness, and bad input over both transports."""
+from __future__ import annotations
+
+import json
+import queue
+
+import httpx
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+
+DEMO = "tokenmill/demo_model"
+PROMPTS = ["The Python interpreter", "A list is a"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(DEMO)
+
+
+def openai_text(server, prompt: str, n: int) -> str:
+    r = httpx.post(f"{server.url}/v1/completions",
+                   json={"model": "demo", "prompt": prompt, "max_tokens": n, "temperature": 0}, timeout=60)
+    return r.json()["choices"][0]["text"]
+
+
+def ft_arrays(tok, prompts: list[str], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ids = [tok.encode(p) for p in prompts]
+    width = max(len(i) for i in ids)
+    padded = np.array([i + [0] * (width - len(i)) for i in ids], dtype=np.uint32)
+    return padded, np.array([[len(i)] for i in ids], dtype=np.uint32), np.full((len(ids), 1), n, dtype=np.uint32)
+
+
+def decode_rows(tok, output_ids: np.ndarray, lengths: np.ndarray, seq_len: np.ndarray) -> list[str]:
+    return [tok.decode(output_ids[b, 0, int(lengths[b, 0]):int(seq_len[b, 0])], skip_special_tokens=True)
+            for b in range(output_ids.shape[0])]
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_http_client_flow_matches_openai(server, tok, binary):
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{server.port}")
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("demo")
+    assert client.get_model_metadata("demo")["inputs"][0] == {"name": "input_ids", "datatype": "UINT32",
+                                                              "shape": [-1, -1], "optional": False}
+    arrays = ft_arrays(tok, PROMPTS, 12)
+    inputs = [httpclient.InferInput(n, a.shape, "UINT32") for n, a in
+              zip(("input_ids", "input_lengths", "request_output_len"), arrays)]
+    for i, a in zip(inputs, arrays):
+        i.set_data_from_numpy(a, binary_data=binary)
+    outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("output_ids", "sequence_length")]
+    result = client.infer("demo", inputs, outputs=outputs)
+    out, seq_len = result.as_numpy("output_ids"), result.as_numpy("sequence_length")
+    assert out.dtype == np.uint32 and out.shape[:2] == (2, 1)
+    for b, prompt in enumerate(PROMPTS):  # each row is the prompt, then what was generated
+        assert out[b, 0, :arrays[1][b, 0]].tolist() == tok.encode(prompt)
+    assert decode_rows(tok, out, arrays[1], seq_len) == [openai_text(server, p, 12) for p in PROMPTS]
+
+
+def test_grpc_client_flow_batch_and_stream(server, tok):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("demo")
+    assert client.get_server_metadata().name == "tokenmill"
+    assert [t.name for t in client.get_model_metadata("demo").outputs][:2] == ["output_ids", "sequence_length"]
+    arrays = ft_arrays(tok, PROMPTS, 12)
+    inputs = [grpcclient.InferInput(n, a.shape, "UINT32") for n, a in
+              zip(("input_ids", "input_lengths", "request_output_len"), arrays)]
+    for i, a in zip(inputs, arrays):
+        i.set_data_from_numpy(a)
+    result = client.infer("demo", inputs)
+    expected = [openai_text(server, p, 12) for p in PROMPTS]
+    assert decode_rows(tok, result.as_numpy("output_ids"), arrays[1], result.as_numpy("sequence_length")) == expected
+
+    # Decoupled streaming: one response per step with its new tokens, the last flagged final.
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    one = [grpcclient.InferInput(n, a[:1].shape, "UINT32") for n, a in
+           zip(("input_ids", "input_lengths", "request_output_len"), arrays)]
+    for i, a in zip(one, arrays):
+        i.set_data_from_numpy(a[:1])
+    client.async_stream_infer("demo", one, enable_empty_final_response=True)
+    pieces, count = [], 0
+    while True:
+        res, err = responses.get(timeout=60)
+        assert err is None, err
+        count += 1
+        ids = res.as_numpy("output_ids")
+        if ids is not None:
+            pieces += ids.reshape(-1).tolist()
+        if res.get_response().parameters["triton_final_response"].bool_param:
+            break
+    client.stop_stream()
+    assert count >= 2 and tok.decode(pieces, skip_special_tokens=True) == expected[0]
+
+
+def test_generate_extension(server):
+    body = {"text_input": PROMPTS[0], "parameters": {"max_tokens": 12, "temperature": 0}}
+    r = httpx.post(f"{server.url}/v2/models/demo/generate", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["text_output"] == PROMPTS[0] + openai_text(server, PROMPTS[0], 12)
+    with httpx.stream("POST", f"{server.url}/v2/models/demo/generate_stream", json=body, timeout=60) as r:
+        events = [json.loads(line[len("data: "):]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert len(events) > 1 and "".join(e["text_output"] for e in events) == openai_text(server, PROMPTS[0], 12)
+    bad = httpx.post(f"{server.url}/v2/models/demo/generate",
+                     json={"text_input": "x", "parameters": {"max_tokens": 4, "beam_width": 2}})
+    assert bad.status_code == 400 and "parameters.beam_width" in bad.json()["error"]
+
+
+def _infer_json(server, inputs, model="demo", **extra):
+    return httpx.post(f"{server.url}/v2/models/{model}/infer", json={"inputs": inputs}, timeout=60, **extra)
+
+
+BAD_HTTP = [
+    ("wrong datatype", [{"name": "input_ids", "datatype": "FP32", "shape": [1, 2], "data": [1.5, 2.0]},
+                        {"name": "input_lengths", "datatype": "UINT32", "shape": [1, 1], "data": [2]},
+                        {"name": "request_output_len", "datatype": "UINT32", "shape": [1, 1], "data": [4]}],
+     "input_ids"),
+    ("shape does not match data", [{"name": "input_ids", "datatype": "UINT32", "shape": [1, 3], "data": [1, 2]}],
+     "3 expected"),
+    ("inconsistent input_lengths", [{"name": "input_ids", "datatype": "UINT32", "shape": [1, 2], "data": [5, 6]},
+                                    {"name": "input_lengths", "datatype": "UINT32", "shape": [1, 1], "data": [7]},
+                                    {"name": "request_output_len", "datatype": "UINT32", "shape": [1, 1],
+                                     "data": [4]}], "input_lengths[0] is 7"),
+    ("missing required input", [{"name": "input_ids", "datatype": "UINT32", "shape": [1, 2], "data": [5, 6]}],
+     "missing required input 'input_lengths'"),
+    ("unknown datatype", [{"name": "input_ids", "datatype": "UINT33", "shape": [1], "data": [5]}], "UINT33"),
+]
+
+
+@pytest.mark.parametrize("case,inputs,expected", BAD_HTTP, ids=[c[0] for c in BAD_HTTP])
+def test_bad_input_over_http(server, case, inputs, expected):
+    r = _infer_json(server, inputs)
+    assert r.status_code == 400 and expected in r.json()["error"], r.text
+
+
+def test_unknown_model_version_and_lying_binary_header(server):
+    assert _infer_json(server, [], model="nope").status_code == 404
+    assert httpx.get(f"{server.url}/v2/models/demo/versions/7").status_code == 404
+    assert httpx.get(f"{server.url}/v2/models/demo/versions/1/ready").status_code == 200
+    head = json.dumps({"inputs": [{"name": "input_ids", "datatype": "UINT32", "shape": [1, 2],
+                                   "parameters": {"binary_data_size": 8}}]}).encode()
+    body = head + np.array([5, 6], dtype=np.uint32).tobytes()
+    for length, expected in ((len(head) + 100, "Inference-Header-Content-Length"), (len(head) - 3, "not valid JSON"),
+                             (len(head) + 4, "not valid JSON")):
+        r = httpx.post(f"{server.url}/v2/models/demo/infer", content=body,
+                       headers={"Inference-Header-Content-Length": str(length)})
+        assert r.status_code == 400 and expected in r.json()["error"], (length, r.text)
+    short = head.replace(b'"binary_data_size": 8', b'"binary_data_size": 64')
+    r = httpx.post(f"{server.url}/v2/models/demo/infer", content=short + body[len(head):],
+                   headers={"Inference-Header-Content-Length": str(len(short))})
+    assert r.status_code == 400 and "binary_data_size" in r.json()["error"]
+
+
+def test_bad_input_over_grpc_and_the_server_keeps_going(server, tok):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+
+    def tensors(**arrays):
+        out = []
+        for name, (dt, a) in arrays.items():
+            t = grpcclient.InferInput(name, a.shape, dt)
+            t.set_data_from_numpy(a)
+            out.append(t)
+        return out
+
+    ids = np.array([[5, 6]], dtype=np.uint32)
+    cases = [
+        ("demo", tensors(input_ids=("FP32", ids.astype(np.float32)), input_lengths=("UINT32", np.array([[2]], np.uint32)),
+                         request_output_len=("UINT32", np.array([[4]], np.uint32))), "INVALID_ARGUMENT"),
+        ("demo", tensors(input_ids=("UINT32", ids), input_lengths=("UINT32", np.array([[9]], np.uint32)),
+                         request_output_len=("UINT32", np.array([[4]], np.uint32))), "INVALID_ARGUMENT"),
+        ("demo", tensors(input_ids=("UINT32", ids)), "INVALID_ARGUMENT"),
+        ("nope", tensors(input_ids=("UINT32", ids)), "NOT_FOUND"),
+    ]
+    for model, inputs, code in cases:
+        with pytest.raises(InferenceServerException) as exc:
+            client.infer(model, inputs)
+        assert code in str(exc.value.status()), (model, exc.value)
+    with pytest.raises(InferenceServerException) as exc:
+        client.is_model_ready("demo", model_version="3")
+    assert "NOT_FOUND" in str(exc.value.status())
+    # Everyone else's requests keep going, and nothing leaked.
+    arrays = ft_arrays(tok, PROMPTS[:1], 4)
+    good = tensors(input_ids=("UINT32", arrays[0]), input_lengths=("UINT32", arrays[1]),
+                   request_output_len=("UINT32", arrays[2]))
+    assert client.infer("demo", good).as_numpy("sequence_length")[0, 0] == arrays[1][0, 0] + 4
+    assert server.metrics()["tokenmill:kv_cache_usage_perc"] == 0.0
