@@ -18,13 +18,13 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, served_model_name: bool = True) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_port = free_port()
         self.proc = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(self.port),
                                       "--grpc-port", str(self.grpc_port),
-                                      "--served-model-name", "demo", *args],
+                                      *(["--served-model-name", "demo"] if served_model_name else []), *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 120
         while time.time() < deadline:

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from tokenmill.engine.async_engine import AsyncLLMEngine
 from tokenmill.server.access import AccessController
-from tokenmill.server.metrics import ServerMetrics
+from tokenmill.server.metrics import ModelMetrics
 from tokenmill.server.protocol import BadRequest
 from tokenmill.server.refusal import Refusal
 
@@ -33,7 +33,7 @@ class CapacityLimits:
 
 class Admission:
     def __init__(self, engine: AsyncLLMEngine, access: AccessController, limits: CapacityLimits,
-                 metrics: ServerMetrics, served_model_names: list[str]) -> None:
+                 metrics: ModelMetrics, served_model_names: list[str]) -> None:
         self.engine = engine
         self.tokenizer = engine.engine.tokenizer
         self.access = access

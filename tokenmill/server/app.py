@@ -16,15 +16,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from tokenmill.server.served_models import ServedModel, ServedModels
 from tokenmill.engine.request_validation import InvalidRequest
 from tokenmill.server.access import AccessController
-from tokenmill.server.admission import Admission, CapacityLimits
+from tokenmill.server.admission import CapacityLimits
 from tokenmill.server.errors import HealthResponse, error_body, error_responses
-from tokenmill.server.kserve.grpc_server import start_grpc_server
 from tokenmill.server.kserve.http import kserve_router
-from tokenmill.server.kserve.serving import KServeServing
 from tokenmill.server.metrics import ServerMetrics
-from tokenmill.server.openai import OpenAIServing
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
 from tokenmill.server.refusal import Refusal
 
@@ -37,18 +35,22 @@ _GENERATE_ERRORS = error_responses(400, 401, 403, 404, 429, 503)
 _MODELS_ERRORS = error_responses(401)
 
 
-def build_app(engine: AsyncLLMEngine, access: AccessController, limits: CapacityLimits,
-              metrics: ServerMetrics, served_model_names: list[str],
+def build_app(served: list[ServedModel], access: AccessController, server_metrics: ServerMetrics,
               grpc_address: Optional[tuple[str, int]] = None) -> FastAPI:
-    """The server's routes; with grpc_address, the gRPC inference service runs beside them on the
-    same event loop (started and stopped with the app)."""
-    admission = Admission(engine, access, limits, metrics, served_model_names)
-    serving = OpenAIServing(admission)
-    kserve = KServeServing(serving, served_model_names)
+    """The server's routes for every served model (requests pick one by name); with
+    grpc_address, the gRPC inference service runs beside them on the same event loop (started
+    and stopped with the app)."""
+    registry = ServedModels(served, access, server_metrics)
+    metrics = registry.default_metrics  # for errors raised before a request names its model
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        grpc_server = await start_grpc_server(kserve, *grpc_address) if grpc_address else None
+        # Imported here: its protobuf descriptors (package `inference`) would clash with
+        # tritonclient.grpc's own in a process that imports both and never starts the service.
+        from tokenmill.server.kserve.grpc_server import start_grpc_server
+
+        grpc_server = (await start_grpc_server(registry.kserve, lambda: registry.serving, *grpc_address)
+                       if grpc_address else None)
         try:
             yield
         finally:
@@ -57,7 +59,7 @@ def build_app(engine: AsyncLLMEngine, access: AccessController, limits: Capacity
 
     app = FastAPI(title="tokenmill", description="OpenAI-compatible LLM server, and Triton's (KServe v2) protocol",
                   lifespan=lifespan)
-    app.include_router(kserve_router(kserve))  # /v2/...: the open inference protocol
+    app.include_router(kserve_router(registry.kserve, lambda: registry.serving, registry.index))  # /v2/...
     created = int(time.time())
 
     @app.exception_handler(Refusal)
@@ -97,28 +99,28 @@ def build_app(engine: AsyncLLMEngine, access: AccessController, limits: Capacity
     @app.get("/health", response_model=HealthResponse,
              responses={503: {"model": HealthResponse, "description": "The engine is not serving."}})
     async def health() -> JSONResponse:
-        serving_now = engine.is_serving
+        serving_now = registry.serving
         return JSONResponse(HealthResponse(status="ok" if serving_now else "unavailable").model_dump(),
                             status_code=200 if serving_now else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(server_metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", responses=_MODELS_ERRORS)
-    async def models(request: Request) -> JSONResponse:
+    async def list_models(request: Request) -> JSONResponse:
         access.keys.authenticate(request.headers.get("authorization"))
         return JSONResponse({"object": "list", "data": [
             {"id": name, "object": "model", "created": created, "owned_by": "tokenmill",
-             "max_model_len": admission.max_model_len} for name in served_model_names]})
+             "max_model_len": registry.openai(name).admission.max_model_len} for name in registry.ready_names]})
 
     @app.post("/v1/completions", responses=_GENERATE_ERRORS)
     async def completions(body: CompletionRequest, request: Request):
-        return await serving.completions(body, request)
+        return await registry.openai(body.model).completions(body, request)
 
     @app.post("/v1/chat/completions", responses=_GENERATE_ERRORS)
     async def chat(body: ChatCompletionRequest, request: Request):
-        return await serving.chat(body, request)
+        return await registry.openai(body.model).chat(body, request)
 
     def openapi() -> dict[str, Any]:
         # FastAPI documents a 422 for every body it validates; this server answers those with 400
@@ -142,6 +144,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="names clients use for the model (default: the model folder's name)")
+    p.add_argument("--model-repository", default=None, metavar="DIR",
+                   help="serve every model of a Triton model repository (DIR/<name>/config.pbtxt, DIR/<name>/<version>/)")
     p.add_argument("--grpc-port", type=int, default=8001,
                    help="port of the gRPC inference service (Triton's protocol; 0: off)")
     p.add_argument("--metrics-port", type=int, default=None,
@@ -156,31 +160,65 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens queued before new requests get 503 (default: 4 x max-num-batched-tokens)")
 
 
-def run_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
-    import uvicorn
-
+def _start_model(names: list[str], version: str, kwargs: dict[str, Any], args: argparse.Namespace,
+                 metrics: ServerMetrics) -> tuple[ServedModel, Any]:
+    """One model's engine, its engine thread and its capacity limits."""
     from tokenmill.llm import LLM
 
-    access = AccessController.from_args(args.api_key, args.api_keys_file, args.signature_policy_file)
-    llm = LLM(**engine_kwargs)
+    llm = LLM(**kwargs)
     core = llm.llm_engine
     core.init_utilization_peaks()  # a short probe on CPU; datasheet peaks on known GPUs
-    names = args.served_model_name or [core.model_config.model.rstrip("/").rsplit("/", 1)[-1]]
-    metrics = ServerMetrics(names[0])
     sched = core.scheduler_config
     limits = CapacityLimits(max_num_queued_reqs=args.max_num_queued_reqs or 2 * sched.max_num_seqs,
                             max_num_queued_tokens=args.max_num_queued_tokens or 4 * sched.max_num_batched_tokens)
-    engine = AsyncLLMEngine(core, on_step=metrics.on_step)
-    app = build_app(engine, access, limits, metrics, names,
-                    grpc_address=(args.host, args.grpc_port) if args.grpc_port else None)
+    engine = AsyncLLMEngine(core, on_step=metrics.model(names[0]).on_step)
+    return ServedModel(names, version, engine, limits), llm
+
+
+def _load_models(args: argparse.Namespace, engine_kwargs: dict[str, Any],
+                 metrics: ServerMetrics) -> tuple[list[ServedModel], list[Any]]:
+    """The command line's model, or every model of --model-repository (a model that cannot load
+    is kept with its reason, and the others are served)."""
+    if not args.model_repository:
+        names = args.served_model_name or [str(engine_kwargs["model"]).rstrip("/").rsplit("/", 1)[-1]]
+        served, llm = _start_model(names, "1", engine_kwargs, args, metrics)
+        return [served], [llm]
+    from tokenmill.server.model_repository import load_repository
+
+    if args.model or args.served_model_name:
+        raise ValueError("--model-repository serves the repository's models: give no MODEL or --served-model-name")
+    served, llms = [], []
+    for m in load_repository(args.model_repository):
+        if m.error is None:
+            try:
+                s, llm = _start_model([m.name], m.version, {**engine_kwargs, "model": m.checkpoint,
+                                                           **m.engine_settings}, args, metrics)
+                served.append(s)
+                llms.append(llm)
+                continue
+            except Exception as e:  # noqa: BLE001 - a broken model must not take the others down
+                m.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                logger.warning("model %r could not load: %s", m.name, m.error)
+        served.append(ServedModel([m.name], m.version or "1", error=m.error))
+    return served, llms
+
+
+def run_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
+    import uvicorn
+
+    access = AccessController.from_args(args.api_key, args.api_keys_file, args.signature_policy_file)
+    metrics = ServerMetrics()
+    served, llms = _load_models(args, engine_kwargs, metrics)
+    app = build_app(served, access, metrics, grpc_address=(args.host, args.grpc_port) if args.grpc_port else None)
     if args.metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
-    logger.info("serving %s on http://%s:%d", names[0], args.host, args.port)
+    logger.info("serving %s on http://%s:%d", ", ".join(m.names[0] for m in served if m.engine), args.host, args.port)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
-        engine.shutdown()
-        core.shutdown(graceful=not engine.is_running)
+        for m, llm in zip([m for m in served if m.engine is not None], llms):
+            m.engine.shutdown()
+            llm.llm_engine.shutdown(graceful=not m.engine.is_running)
     return 0

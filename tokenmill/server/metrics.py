@@ -2,6 +2,8 @@
 dashboards and routers carry over; counters are exposed with the usual `_total` suffix."""
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tokenmill.engine.llm_engine import LLMEngine
@@ -11,40 +13,58 @@ _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str) -> None:
+    """The registry and its metric families, shared by every model the server serves; each
+    model's samples carry its `model_name` label (`model()` gives a model's view)."""
+
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r, labels = self.registry, ["model_name"]
-        self.model_name = model_name
+        self.families: dict[str, Any] = {}
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(f"tokenmill:{name}", doc, labels, registry=r).labels(model_name)
+        def add(kind: Any, name: str, doc: str, extra: tuple[str, ...] = (), **kw: Any) -> None:
+            self.families[name] = kind(f"tokenmill:{name}", doc, labels + list(extra), registry=r, **kw)
 
-        def counter(name: str, doc: str) -> Counter:
-            return Counter(f"tokenmill:{name}", doc, labels, registry=r).labels(model_name)
+        add(Gauge, "num_requests_running", "Requests in the running batch.")
+        add(Gauge, "num_requests_waiting", "Requests waiting to be scheduled.")
+        add(Gauge, "kv_cache_usage_perc", "Fraction of KV blocks held by requests (0-1).")
+        add(Gauge, "model_bandwidth_utilization",
+            "Bytes moved per busy second over the device's peak bandwidth, last 10 s (0-1).")
+        add(Gauge, "model_flops_utilization", "FLOPs per busy second over the device's peak, last 10 s (0-1).")
+        add(Counter, "prefix_cache_queries", "Tokens looked up in the prefix cache.")
+        add(Counter, "prefix_cache_hits", "Tokens found in the prefix cache.")
+        add(Counter, "num_preemptions", "Sequences preempted for lack of KV blocks.")
+        add(Counter, "prompt_tokens", "Prompt tokens computed.")
+        add(Counter, "generation_tokens", "Tokens generated.")
+        add(Counter, "request_success", "Finished requests by finish reason.", ("finished_reason",))
+        add(Counter, "admission_rejections", "Requests refused before the engine.", ("reason",))
+        add(Histogram, "time_to_first_token_seconds", "Time to first token.", buckets=_LATENCY_BUCKETS)
+        add(Histogram, "inter_token_latency_seconds", "Time between generated tokens.", buckets=_LATENCY_BUCKETS)
+        add(Histogram, "e2e_request_latency_seconds", "Request latency, arrival to finish.", buckets=_LATENCY_BUCKETS)
+        add(Histogram, "batch_size_sequences", "Sequences in each engine step.", buckets=_SIZE_BUCKETS)
+        add(Histogram, "batch_size_tokens", "Tokens computed in each engine step.", buckets=_SIZE_BUCKETS)
 
-        def histogram(name: str, doc: str, buckets: tuple) -> Histogram:
-            return Histogram(f"tokenmill:{name}", doc, labels, buckets=buckets, registry=r).labels(model_name)
+    def model(self, model_name: str) -> "ModelMetrics":
+        return ModelMetrics(self, model_name)
 
-        self.num_requests_running = gauge("num_requests_running", "Requests in the running batch.")
-        self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
-        self.kv_cache_usage_perc = gauge("kv_cache_usage_perc", "Fraction of KV blocks held by requests (0-1).")
-        self.mbu = gauge("model_bandwidth_utilization",
-                         "Bytes moved per busy second over the device's peak bandwidth, last 10 s (0-1).")
-        self.mfu = gauge("model_flops_utilization", "FLOPs per busy second over the device's peak, last 10 s (0-1).")
-        self.prefix_cache_queries = counter("prefix_cache_queries", "Tokens looked up in the prefix cache.")
-        self.prefix_cache_hits = counter("prefix_cache_hits", "Tokens found in the prefix cache.")
-        self.num_preemptions = counter("num_preemptions", "Sequences preempted for lack of KV blocks.")
-        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens computed.")
-        self.generation_tokens = counter("generation_tokens", "Tokens generated.")
-        self.request_success = Counter("tokenmill:request_success", "Finished requests by finish reason.",
-                                       ["model_name", "finished_reason"], registry=r)
-        self.admission_rejections = Counter("tokenmill:admission_rejections", "Requests refused before the engine.",
-                                            ["model_name", "reason"], registry=r)
-        self.ttft = histogram("time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS)
-        self.itl = histogram("inter_token_latency_seconds", "Time between generated tokens.", _LATENCY_BUCKETS)
-        self.e2e = histogram("e2e_request_latency_seconds", "Request latency, arrival to finish.", _LATENCY_BUCKETS)
-        self.batch_seqs = histogram("batch_size_sequences", "Sequences in each engine step.", _SIZE_BUCKETS)
-        self.batch_tokens = histogram("batch_size_tokens", "Tokens computed in each engine step.", _SIZE_BUCKETS)
+
+class ModelMetrics:
+    """One model's samples of the server's metrics."""
+
+    def __init__(self, server: ServerMetrics, model_name: str) -> None:
+        f, self.model_name = server.families, model_name
+        self.registry = server.registry
+        for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_queries",
+                     "prefix_cache_hits", "num_preemptions", "prompt_tokens", "generation_tokens"):
+            setattr(self, name, f[name].labels(model_name))
+        self.mbu = f["model_bandwidth_utilization"].labels(model_name)
+        self.mfu = f["model_flops_utilization"].labels(model_name)
+        self.ttft = f["time_to_first_token_seconds"].labels(model_name)
+        self.itl = f["inter_token_latency_seconds"].labels(model_name)
+        self.e2e = f["e2e_request_latency_seconds"].labels(model_name)
+        self.batch_seqs = f["batch_size_sequences"].labels(model_name)
+        self.batch_tokens = f["batch_size_tokens"].labels(model_name)
+        self.request_success = f["request_success"]
+        self.admission_rejections = f["admission_rejections"]
         self._last: dict[str, int] = {}
         for reason in ("stop", "length", "abort"):
             self.request_success.labels(model_name, reason)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import grpc
 import numpy as np
@@ -18,7 +18,7 @@ import numpy as np
 from tokenmill.server.kserve.http import _server_version
 from tokenmill.server.kserve.protos import grpc_service_pb2 as pb
 from tokenmill.server.kserve.protos import grpc_service_pb2_grpc as pb_grpc
-from tokenmill.server.kserve.serving import VERSION, KServeError, KServeServing
+from tokenmill.server.kserve.serving import KServeError, KServeServing
 from tokenmill.server.kserve.tensors import TensorError, datatype_of, from_bytes, from_json, to_bytes
 
 logger = logging.getLogger(__name__)
@@ -58,8 +58,9 @@ def _inputs(request: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def _response(model: str, request_id: str, outputs: dict[str, np.ndarray], final: Optional[bool] = None) -> Any:
-    resp = pb.ModelInferResponse(model_name=model, model_version=VERSION, id=request_id)
+def _response(model: str, version: str, request_id: str, outputs: dict[str, np.ndarray],
+              final: Optional[bool] = None) -> Any:
+    resp = pb.ModelInferResponse(model_name=model, model_version=version, id=request_id)
     for name, array in outputs.items():
         resp.outputs.add(name=name, datatype=datatype_of(array), shape=list(array.shape))
         resp.raw_output_contents.append(to_bytes(array))
@@ -69,8 +70,8 @@ def _response(model: str, request_id: str, outputs: dict[str, np.ndarray], final
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, kserve: KServeServing) -> None:
-        self.kserve = kserve
+    def __init__(self, lookup: Callable[[str, Optional[str]], KServeServing], ready: Callable[[], bool]) -> None:
+        self.lookup, self.ready = lookup, ready
 
     async def _abort(self, context: Any, e: Exception) -> None:
         err = KServeError.of(e)
@@ -80,14 +81,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, context: Any) -> Any:
-        return pb.ServerReadyResponse(ready=self.kserve.ready)
+        return pb.ServerReadyResponse(ready=self.ready())
 
     async def ModelReady(self, request: Any, context: Any) -> Any:
         try:
-            self.kserve.check_model(request.name, request.version)
+            kserve = self.lookup(request.name, request.version)
         except KServeError as e:
-            await self._abort(context, e)
-        return pb.ModelReadyResponse(ready=self.kserve.ready)
+            if e.status != 503:  # unknown model or version; a model that failed to load is just not ready
+                await self._abort(context, e)
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=kserve.ready)
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
         return pb.ServerMetadataResponse(name="tokenmill", version=_server_version(),
@@ -95,10 +98,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
         try:
-            self.kserve.check_model(request.name, request.version)
+            md = self.lookup(request.name, request.version).metadata(request.name)
         except KServeError as e:
             await self._abort(context, e)
-        md = self.kserve.metadata(request.name)
         resp = pb.ModelMetadataResponse(name=md["name"], versions=md["versions"], platform=md["platform"])
         for t in md["inputs"]:
             resp.inputs.add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
@@ -106,37 +108,39 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             resp.outputs.add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
         return resp
 
-    def _parse(self, request: Any, context: Any) -> tuple[dict[str, np.ndarray], Optional[list[str]], dict, dict]:
-        self.kserve.check_model(request.model_name, request.model_version)
+    def _parse(self, request: Any, context: Any) -> tuple[KServeServing, dict[str, np.ndarray], Optional[list[str]],
+                                                           dict, dict]:
+        kserve = self.lookup(request.model_name, request.model_version)
         inputs = _inputs(request)
         wanted = [o.name for o in request.outputs] or None
         params = {k: _parameter(v) for k, v in request.parameters.items()}
         headers = {k.lower(): v for k, v in context.invocation_metadata() if isinstance(v, str)}
-        return inputs, wanted, params, headers
+        return kserve, inputs, wanted, params, headers
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         try:
-            inputs, wanted, params, headers = self._parse(request, context)
-            outputs = await self.kserve.infer(inputs, wanted, headers, params)
+            kserve, inputs, wanted, params, headers = self._parse(request, context)
+            outputs = await kserve.infer(inputs, wanted, headers, params)
         except (KServeError, ValueError) as e:
             await self._abort(context, e)
-        return _response(request.model_name, request.id, outputs)
+        return _response(request.model_name, kserve.version, request.id, outputs)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         # A bad request is answered in the stream (error_message), which stays open for the next.
         async for request in request_iterator:
             try:
-                inputs, wanted, params, headers = self._parse(request, context)
-                async for tensors, final in self.kserve.stream(inputs, wanted, headers, params):
-                    yield pb.ModelStreamInferResponse(infer_response=_response(request.model_name, request.id,
-                                                                               tensors, final))
+                kserve, inputs, wanted, params, headers = self._parse(request, context)
+                async for tensors, final in kserve.stream(inputs, wanted, headers, params):
+                    response = _response(request.model_name, kserve.version, request.id, tensors, final)
+                    yield pb.ModelStreamInferResponse(infer_response=response)
             except (KServeError, ValueError) as e:
                 yield pb.ModelStreamInferResponse(error_message=KServeError.of(e).message)
 
 
-async def start_grpc_server(kserve: KServeServing, host: str, port: int) -> Any:
+async def start_grpc_server(lookup: Callable[[str, Optional[str]], KServeServing], ready: Callable[[], bool],
+                            host: str, port: int) -> Any:
     server = grpc.aio.server()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(kserve), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(lookup, ready), server)
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise OSError(f"cannot listen for gRPC on {host}:{port}")
     await server.start()

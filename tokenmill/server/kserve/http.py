@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 from importlib.metadata import PackageNotFoundError, version as package_version
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from tokenmill.server.kserve.serving import VERSION, KServeError, KServeServing
+from tokenmill.server.kserve.serving import KServeError, KServeServing
 from tokenmill.server.kserve.tensors import TensorError, http_response, parse_http_request
 
 _GENERATE_PARAMETERS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stream", "exclude_input_in_output"}
@@ -57,7 +57,10 @@ def _generate_inputs(body: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return inputs, params
 
 
-def kserve_router(kserve: KServeServing) -> APIRouter:
+def kserve_router(lookup: Callable[[str, Optional[str]], KServeServing], ready: Callable[[], bool],
+                  index: Callable[[], list[dict[str, str]]]) -> APIRouter:
+    """The /v2 routes; `lookup(name, version)` gives a model's front end or raises KServeError
+    (404 unknown, 503 not ready), `ready()` whether the server is, `index()` the repository."""
     router = APIRouter()
 
     @router.get("/v2")
@@ -70,26 +73,30 @@ def kserve_router(kserve: KServeServing) -> APIRouter:
         return Response(status_code=200)
 
     @router.get("/v2/health/ready")
-    async def ready() -> Response:
-        return Response(status_code=200 if kserve.ready else 503)
+    async def server_ready() -> Response:
+        return Response(status_code=200 if ready() else 503)
+
+    @router.post("/v2/repository/index")
+    async def repository_index() -> JSONResponse:
+        return JSONResponse(index())
 
     async def model_metadata(name: str, version: Optional[str] = None) -> JSONResponse:
         try:
-            kserve.check_model(name, version)
+            kserve = lookup(name, version)
         except KServeError as e:
             return _error(e)
         return JSONResponse(kserve.metadata(name))
 
     async def model_ready(name: str, version: Optional[str] = None) -> Response:
         try:
-            kserve.check_model(name, version)
+            kserve = lookup(name, version)
         except KServeError as e:
             return _error(e)
         return Response(status_code=200 if kserve.ready else 503)
 
     async def infer(name: str, request: Request, version: Optional[str] = None) -> Response:
         try:
-            kserve.check_model(name, version)
+            kserve = lookup(name, version)
             body, inputs = parse_http_request(await request.body(),
                                               request.headers.get("inference-header-content-length"))
             wanted = body.get("outputs")
@@ -105,7 +112,7 @@ def kserve_router(kserve: KServeServing) -> APIRouter:
         binary = {o["name"] for o in wanted or [] if (o.get("parameters") or {}).get("binary_data", all_binary)}
         if not wanted and all_binary:
             binary = set(outputs)
-        content, header_len = http_response(name, VERSION, body.get("id"), outputs, binary)
+        content, header_len = http_response(name, kserve.version, body.get("id"), outputs, binary)
         if header_len is None:
             return Response(content, media_type="application/json")
         return Response(content, media_type="application/octet-stream",
@@ -113,7 +120,7 @@ def kserve_router(kserve: KServeServing) -> APIRouter:
 
     async def generate(name: str, request: Request, version: Optional[str] = None) -> Response:
         try:
-            kserve.check_model(name, version)
+            kserve = lookup(name, version)
             inputs, params = _generate_inputs(json.loads(await request.body()))
             outputs = await kserve.infer(inputs, None, request.headers, params)
         except json.JSONDecodeError as e:
@@ -121,11 +128,11 @@ def kserve_router(kserve: KServeServing) -> APIRouter:
         except (KServeError, ValueError) as e:
             return _error(e)
         text = outputs["text_output"].reshape(-1)[0].decode("utf-8")
-        return JSONResponse({"model_name": name, "model_version": VERSION, "text_output": text})
+        return JSONResponse({"model_name": name, "model_version": kserve.version, "text_output": text})
 
     async def generate_stream(name: str, request: Request, version: Optional[str] = None) -> Response:
         try:
-            kserve.check_model(name, version)
+            kserve = lookup(name, version)
             inputs, params = _generate_inputs(json.loads(await request.body()))
             params = {**params, "exclude_input_in_output": True}  # a stream sends what is new
             stream = kserve.stream(inputs, None, request.headers, params)
@@ -141,7 +148,8 @@ def kserve_router(kserve: KServeServing) -> APIRouter:
                 while item is not None:
                     tensors, _final = item
                     text = tensors["text_output"].reshape(-1)[0].decode("utf-8")
-                    yield f"data: {json.dumps({'model_name': name, 'model_version': VERSION, 'text_output': text})}\n\n"
+                    event = {"model_name": name, "model_version": kserve.version, "text_output": text}
+                    yield f"data: {json.dumps(event)}\n\n"
                     item = await anext(stream, None)
             finally:
                 await stream.aclose()  # a client that went away aborts its request

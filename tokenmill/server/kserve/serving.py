@@ -19,7 +19,6 @@ from tokenmill.server.kserve.tensors import TensorError
 from tokenmill.server.openai import Job, OpenAIServing
 from tokenmill.server.refusal import Refusal
 
-VERSION = "1"  # a model served without a repository has one version
 _GRPC_CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
                429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}
 
@@ -45,8 +44,9 @@ class KServeError(Exception):
 
 
 class KServeServing:
-    def __init__(self, openai: OpenAIServing, model_names: list[str]) -> None:
+    def __init__(self, openai: OpenAIServing, model_names: list[str], version: str = "1") -> None:
         self.openai = openai
+        self.version = version  # the one version served (a repository's highest allowed)
         self.admission = openai.admission
         self.tokenizer = openai.tokenizer
         self.model_names = model_names
@@ -55,8 +55,8 @@ class KServeServing:
     def check_model(self, name: str, version: Optional[str]) -> None:
         if name not in self.model_names:
             raise KServeError(404, f"unknown model {name!r}; this server serves {', '.join(self.model_names)}")
-        if version not in (None, "", VERSION):
-            raise KServeError(404, f"model {name!r} has no version {version!r} (it has {VERSION})")
+        if version not in (None, "", self.version):
+            raise KServeError(404, f"model {name!r} has no version {version!r} (it has {self.version})")
 
     @property
     def ready(self) -> bool:
@@ -65,7 +65,7 @@ class KServeServing:
     def metadata(self, name: str) -> dict[str, Any]:
         inputs = [{"name": n, "datatype": d, "shape": s, "optional": not req}
                   for n, d, s, req in interface.FT_INPUTS + interface.TEXT_INPUTS]
-        return {"name": name, "versions": [VERSION], "platform": "tokenmill",
+        return {"name": name, "versions": [self.version], "platform": "tokenmill",
                 "inputs": inputs, "outputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in interface.OUTPUTS]}
 
     def _rows(self, inputs: dict[str, np.ndarray], requested: Optional[list[str]]) -> tuple[str, list[interface.Row]]:
