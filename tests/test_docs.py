@@ -2,8 +2,8 @@
 ```python runnable``` in README.md and docs/*.md runs here, on the demo model, and must succeed.
 
 Blocks marked `runnable-with-server` run while `tokenmill serve --served-model-name demo` is up;
-it listens on a free port, so their `127.0.0.1:8000` (the default `make serve` uses) is pointed at
-it. Blocks run in a scratch folder where `tokenmill/` and `data/` are the repository's, so the
+it listens on free ports, so their `127.0.0.1:8000` and `127.0.0.1:8001` (HTTP and gRPC, the
+defaults `make serve` uses) are pointed at it. Blocks run in a scratch folder where `tokenmill/` and `data/` are the repository's, so the
 relative paths the docs use resolve and what the blocks write stays out of the checkout.
 """
 from __future__ import annotations
@@ -55,16 +55,20 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def server(scratch):
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--served-model-name", "demo", "--grpc-port", "0",
-                             "--port", str(port)], cwd=scratch, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    port, grpc_port = _free_port(), _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--served-model-name", "demo",
+                             "--port", str(port), "--grpc-port", str(grpc_port)], cwd=scratch, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         for _ in range(600):
             if proc.poll() is not None:
@@ -77,7 +81,7 @@ def server(scratch):
             time.sleep(0.2)
         else:
             raise RuntimeError("the server did not become healthy")
-        yield port
+        yield port, grpc_port
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -98,6 +102,8 @@ def test_runnable_block(scratch, where, lang, kind, code):
 @pytest.mark.parametrize("where,lang,kind,code", [b for b in BLOCKS if b[2] == "runnable-with-server"],
                          ids=lambda v: str(v)[:40])
 def test_runnable_block_against_the_server(scratch, server, where, lang, kind, code):
-    r = _run(lang, code.replace("127.0.0.1:8000", f"127.0.0.1:{server}"), scratch)
+    port, grpc_port = server
+    code = code.replace("127.0.0.1:8000", f"127.0.0.1:{port}").replace("127.0.0.1:8001", f"127.0.0.1:{grpc_port}")
+    r = _run(lang, code, scratch)
     assert r.returncode == 0, f"{where} failed:\n{code}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
     assert r.stdout.strip(), f"{where} printed nothing"
