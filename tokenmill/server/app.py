@@ -11,7 +11,7 @@ from typing import Any, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -31,7 +31,9 @@ logger = logging.getLogger(__name__)
 
 # What each endpoint can answer besides 200, for the OpenAPI document (generated clients and
 # schema-driven fuzzers see the real API).
-_GENERATE_ERRORS = error_responses(400, 401, 403, 404, 429, 503)
+_GENERATE_ERRORS = {200: {"description": "The completion; with `stream`, server-sent events",
+                          "content": {"application/json": {}, "text/event-stream": {}}},
+                    **error_responses(400, 401, 403, 404, 429, 503)}
 _MODELS_ERRORS = error_responses(401)
 
 
@@ -85,7 +87,9 @@ def build_app(served: list[ServedModel], access: AccessController, server_metric
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(str(e.detail), e.status_code), status_code=e.status_code)
+        # Starlette's own headers stay (a 405's Allow header lists the methods the route takes).
+        return JSONResponse(error_body(str(e.detail), e.status_code), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
 
     @app.exception_handler(ValueError)
     async def _value(_: Request, e: ValueError) -> JSONResponse:
@@ -103,7 +107,8 @@ def build_app(served: list[ServedModel], access: AccessController, server_metric
         return JSONResponse(HealthResponse(status="ok" if serving_now else "unavailable").model_dump(),
                             status_code=200 if serving_now else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}})
     async def prometheus() -> Response:
         return Response(generate_latest(server_metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -132,6 +137,18 @@ def build_app(served: list[ServedModel], access: AccessController, server_metric
                     op.get("responses", {}).pop("422", None)
             for name in ("HTTPValidationError", "ValidationError"):
                 schema.get("components", {}).get("schemas", {}).pop(name, None)
+            # The models this server serves: what `model` (and /v2's {name}) may be.
+            names = registry.ready_names
+            versions = sorted({m.version for m in served if m.engine is not None})
+            for body in ("CompletionRequest", "ChatCompletionRequest"):
+                prop = schema["components"]["schemas"].get(body, {}).get("properties", {}).get("model")
+                if prop is not None:
+                    prop["enum"] = names
+            for path, ops in schema["paths"].items():
+                for op in ops.values():
+                    for param in op.get("parameters", []):
+                        if path.startswith("/v2/models/") and param.get("name") in ("name", "version"):
+                            param["schema"]["enum"] = names if param["name"] == "name" else versions
             app.openapi_schema = schema
         return app.openapi_schema
 

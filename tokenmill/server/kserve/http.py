@@ -13,11 +13,25 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 from fastapi import APIRouter, Request
+from pydantic import BaseModel
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tokenmill.server.kserve.serving import KServeError, KServeServing
 from tokenmill.server.kserve.tensors import TensorError, http_response, parse_http_request
 
+class KServeErrorResponse(BaseModel):
+    error: str
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    what = {400: "The request is malformed (the message names the problem).", 401: "Missing or unknown API key.",
+            403: "The request does not match the required client signature.",
+            404: "Unknown model or version.", 429: "A rate limit of this API key is spent.",
+            503: "The model is not ready, or the server is at capacity."}
+    return {s: {"model": KServeErrorResponse, "description": what[s]} for s in statuses}
+
+
+_NO_BODY = {"description": "OK (no body)", "content": {}}
 _GENERATE_PARAMETERS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stream", "exclude_input_in_output"}
 
 
@@ -68,11 +82,12 @@ def kserve_router(lookup: Callable[[str, Optional[str]], KServeServing], ready: 
         return JSONResponse({"name": "tokenmill", "version": _server_version(),
                              "extensions": ["binary_tensor_data", "generate"]})
 
-    @router.get("/v2/health/live")
+    @router.get("/v2/health/live", response_class=Response, responses={200: _NO_BODY})
     async def live() -> Response:
         return Response(status_code=200)
 
-    @router.get("/v2/health/ready")
+    @router.get("/v2/health/ready", response_class=Response,
+                responses={200: _NO_BODY, 503: {"description": "Not ready", "content": {}}})
     async def server_ready() -> Response:
         return Response(status_code=200 if ready() else 503)
 
@@ -156,10 +171,18 @@ def kserve_router(lookup: Callable[[str, Optional[str]], KServeServing], ready: 
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    infer_ok = {"description": "Output tensors: JSON, or with binary outputs the JSON header (its length in "
+                               "Inference-Header-Content-Length) followed by the tensors' bytes",
+                "content": {"application/json": {}, "application/octet-stream": {}}}
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-        router.add_api_route(prefix, model_metadata, methods=["GET"])
-        router.add_api_route(prefix + "/ready", model_ready, methods=["GET"])
-        router.add_api_route(prefix + "/infer", infer, methods=["POST"])
-        router.add_api_route(prefix + "/generate", generate, methods=["POST"])
-        router.add_api_route(prefix + "/generate_stream", generate_stream, methods=["POST"])
+        router.add_api_route(prefix, model_metadata, methods=["GET"], responses=_errors(404, 503))
+        router.add_api_route(prefix + "/ready", model_ready, methods=["GET"], response_class=Response,
+                             responses={200: _NO_BODY, **_errors(404, 503)})
+        router.add_api_route(prefix + "/infer", infer, methods=["POST"], response_class=Response,
+                             responses={200: infer_ok, **_errors(400, 401, 403, 404, 429, 503)})
+        router.add_api_route(prefix + "/generate", generate, methods=["POST"],
+                             responses=_errors(400, 401, 403, 404, 429, 503))
+        router.add_api_route(prefix + "/generate_stream", generate_stream, methods=["POST"], response_class=Response,
+                             responses={200: {"description": "Server-sent events", "content": {"text/event-stream": {}}},
+                                        **_errors(400, 401, 403, 404, 429, 503)})
     return router
