@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         (ev, "lastword", "lastword", "LAMBADA-style last-word accuracy and time: transformers vs tokenmill"),
         (sub, "roofline", "roofline", "roofline of a model on a device: intensity, bounds, memory"),
         (bench, "throughput", "throughput", "offline throughput vs transformers' generate"),
-        (bench, "serve", "serve", "concurrent streams against running servers, with a baseline server side by side"),
+        (bench, "serve", "serve", "a serving benchmark against a running server (OpenAI or KServe), printed as vllm bench serve does"),
         (bench, "latency", "latency", "batch-1 prefill and decode vs transformers, against the bandwidth bound"),
         (bench, "prefix", "prefix", "multi-turn chat: prefix cache off / on / under pressure / spill"),
         (bench, "parallel", "parallel", "tokens/s of tensor/pipeline-parallel layouts against one process"),
