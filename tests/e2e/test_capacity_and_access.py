@@ -78,6 +78,7 @@ def keyed_server(tmp_path_factory):
         {"id": "team-a", "key": "sk-team-a-secret", "requests_per_minute": 3},
         {"id": "team-b", "key": "sk-team-b-secret", "tokens_per_minute": 60,
          "signature": {"user_agent_patterns": ["^OpenAI/Python"], "action": "block"}},
+        {"id": "team-c", "key": "sk-team-c-secret"},
     ]}))
     s = Server("--api-keys-file", str(keys))
     yield s
@@ -110,3 +111,60 @@ def test_keys_rate_limits_and_signatures(keyed_server):
     assert m["tokenmill:admission_rejections_total{reason=auth}"] == 2
     assert m["tokenmill:admission_rejections_total{reason=rate_limit}"] == 2
     assert m["tokenmill:admission_rejections_total{reason=signature}"] == 1
+
+
+def _ft_inputs(module, n_out: int = 4):
+    import numpy as np
+
+    arrays = (("input_ids", np.array([[263, 79, 323]], np.uint32)), ("input_lengths", np.array([[3]], np.uint32)),
+              ("request_output_len", np.array([[n_out]], np.uint32)))
+    out = []
+    for name, a in arrays:
+        t = module.InferInput(name, a.shape, "UINT32")
+        t.set_data_from_numpy(a)
+        out.append(t)
+    return out
+
+
+def test_keys_apply_to_the_kserve_routes_over_http_and_grpc(keyed_server):
+    """The same bouncer guards Triton's protocol: 401 / UNAUTHENTICATED without a key."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    body = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1, 1], "data": ["hi"]}]}
+    assert httpx.post(f"{keyed_server.url}/v2/models/demo/infer", json=body).status_code == 401
+    ok = httpx.post(f"{keyed_server.url}/v2/models/demo/infer", json=body,
+                    headers={"Authorization": "Bearer sk-team-c-secret"})
+    assert ok.status_code == 200 and ok.json()["outputs"][0]["name"] == "text_output"
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{keyed_server.grpc_port}")
+    with pytest.raises(InferenceServerException) as exc:
+        client.infer("demo", _ft_inputs(grpcclient))
+    assert "UNAUTHENTICATED" in str(exc.value.status())
+    result = client.infer("demo", _ft_inputs(grpcclient), headers={"authorization": "Bearer sk-team-c-secret"})
+    assert result.as_numpy("sequence_length")[0, 0] == 7
+    http = httpclient.InferenceServerClient(f"127.0.0.1:{keyed_server.port}")
+    with pytest.raises(InferenceServerException) as exc:
+        http.infer("demo", _ft_inputs(httpclient))
+    assert "401" in str(exc.value.status())
+
+
+def test_capacity_applies_to_grpc(small_server):
+    """At capacity a gRPC request gets UNAVAILABLE at once, as HTTP gets 503."""
+    import concurrent.futures
+
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    def one(_: int) -> str:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{small_server.grpc_port}")
+        try:
+            client.infer("demo", _ft_inputs(grpcclient, n_out=48))
+            return "ok"
+        except InferenceServerException as e:
+            return str(e.status())
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        outcomes = list(pool.map(one, range(24)))
+    assert "ok" in outcomes and any("UNAVAILABLE" in o for o in outcomes), outcomes
+    assert all(o == "ok" or "UNAVAILABLE" in o for o in outcomes), outcomes

@@ -193,3 +193,44 @@ def test_bad_input_over_grpc_and_the_server_keeps_going(server, tok):
                    request_output_len=("UINT32", arrays[2]))
     assert client.infer("demo", good).as_numpy("sequence_length")[0, 0] == arrays[1][0, 0] + 4
     assert server.metrics()["tokenmill:kv_cache_usage_perc"] == 0.0
+
+
+def test_optional_inputs_text_infer_and_log_probs(server, tok):
+    """FasterTransformer's optional inputs (sampling with a seed, stop words, log probs) and the
+    text interface through infer."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{server.port}")
+    ids, lengths, out_len = ft_arrays(tok, PROMPTS[:1], 16)
+
+    def run(**extra: np.ndarray):
+        arrays = {"input_ids": ids, "input_lengths": lengths, "request_output_len": out_len, **extra}
+        inputs = []
+        for name, a in arrays.items():
+            dt = {np.dtype(np.uint32): "UINT32", np.dtype(np.uint64): "UINT64", np.dtype(np.float32): "FP32",
+                  np.dtype(np.int32): "INT32"}[a.dtype]
+            t = httpclient.InferInput(name, a.shape, dt)
+            t.set_data_from_numpy(a)
+            inputs.append(t)
+        wanted = [httpclient.InferRequestedOutput(n) for n in ("output_ids", "sequence_length", "output_log_probs")]
+        return client.infer("demo", inputs, outputs=wanted)
+
+    sampled = dict(runtime_top_k=np.array([[20]], np.uint32), temperature=np.array([[1.0]], np.float32),
+                   random_seed=np.array([[7]], np.uint64))
+    a, b = run(**sampled), run(**sampled)
+    assert np.array_equal(a.as_numpy("output_ids"), b.as_numpy("output_ids"))  # same seed, same tokens
+    lp = a.as_numpy("output_log_probs")
+    assert lp.shape == (1, 1, 16) and (lp <= 0).all() and (lp < 0).any()
+    # A stop word: FasterTransformer's [batch, 2, n] layout, the word's ids then its end offset.
+    greedy = run().as_numpy("output_ids")[0, 0, lengths[0, 0]:]
+    word = tok.decode(greedy[2:3].tolist())
+    stop_ids = tok.encode(word)
+    stop = np.array([[stop_ids, [len(stop_ids)] + [-1] * (len(stop_ids) - 1)]], dtype=np.int32)
+    stopped = run(stop_words_list=stop)
+    assert stopped.as_numpy("sequence_length")[0, 0] < lengths[0, 0] + 16
+    # The text interface through infer: the prompt and its continuation.
+    body = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1, 1], "data": [PROMPTS[0]]},
+                       {"name": "max_tokens", "datatype": "INT32", "shape": [1, 1], "data": [12]},
+                       {"name": "temperature", "datatype": "FP32", "shape": [1, 1], "data": [0.0]}]}
+    r = httpx.post(f"{server.url}/v2/models/demo/infer", json=body, timeout=60).json()
+    assert r["outputs"][0]["data"] == [PROMPTS[0] + openai_text(server, PROMPTS[0], 12)]

@@ -40,7 +40,11 @@ def repository(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def repo_server(repository):
-    s = Server("--model-repository", str(repository), served_model_name=False)
+    from tests.e2e.conftest import free_port
+
+    s = Server("--model-repository", str(repository), "--metrics-port", str(port := free_port()),
+               served_model_name=False)
+    s.metrics_port = port
     yield s
     s.stop()
 
@@ -84,4 +88,7 @@ def test_grpc_picks_the_model_and_metrics_carry_its_name(repo_server):
     assert result.get_response().model_name == "tiny" and result.as_numpy("sequence_length")[0, 0] == 7
     text = httpx.get(f"{repo_server.url}/metrics").text
     assert 'tokenmill:generation_tokens_total{model_name="tiny"}' in text
+    # --metrics-port serves the same families on their own port, as Triton does on 8002.
+    assert 'tokenmill:generation_tokens_total{model_name="tiny"}' in httpx.get(
+        f"http://127.0.0.1:{repo_server.metrics_port}/metrics").text
     assert 'tokenmill:num_requests_running{model_name="chat"}' in text
