@@ -234,3 +234,69 @@ def test_optional_inputs_text_infer_and_log_probs(server, tok):
                        {"name": "temperature", "datatype": "FP32", "shape": [1, 1], "data": [0.0]}]}
     r = httpx.post(f"{server.url}/v2/models/demo/infer", json=body, timeout=60).json()
     assert r["outputs"][0]["data"] == [PROMPTS[0] + openai_text(server, PROMPTS[0], 12)]
+
+
+def _ft_json(**extra):
+    base = [{"name": "input_ids", "datatype": "UINT32", "shape": [1, 2], "data": [5, 6]},
+            {"name": "input_lengths", "datatype": "UINT32", "shape": [1, 1], "data": [2]},
+            {"name": "request_output_len", "datatype": "UINT32", "shape": [1, 1], "data": [4]}]
+    return base + [dict(name=k, **v) for k, v in extra.items()]
+
+
+@pytest.mark.parametrize("body,expected", [
+    ({"inputs": [{"name": "input_ids", "datatype": "UINT32", "shape": [1], "data": [5], "parameters": [1]}]},
+     "'parameters' must be an object"),
+    ({"inputs": [{"name": "input_ids", "datatype": ["UINT32"], "shape": [1], "data": [5]}]}, "unknown datatype"),
+    ({"inputs": _ft_json(), "parameters": "x"}, "'parameters' must be an object"),
+    ({"inputs": _ft_json(), "parameters": {"priority": 1}}, "unknown request parameter 'priority'"),
+    ({"inputs": _ft_json(), "parameters": {"binary_data_output": "false"}}, "must be a boolean"),
+    ({"inputs": _ft_json(), "parameters": {"exclude_input_in_output": True}}, "applies to text_input"),
+    ({"inputs": _ft_json(temperature={"datatype": "FP32", "shape": [1, 1], "data": [1e39]})}, "not finite"),
+    ({"inputs": _ft_json(stop_words_list={"datatype": "INT32", "shape": [1, 2, 1], "data": [-5, 1]})},
+     "outside [0,"),
+    ({"inputs": [{"name": "input_ids", "datatype": "UINT32", "shape": [0, 2], "data": []},
+                 {"name": "input_lengths", "datatype": "UINT32", "shape": [0, 1], "data": []},
+                 {"name": "request_output_len", "datatype": "UINT32", "shape": [0, 1], "data": []}]}, "no rows"),
+    ({"inputs": [{"name": "text_input", "datatype": "INT32", "shape": [1, 1], "data": [5]}]}, "must be BYTES"),
+    ({"inputs": [{"name": "input_ids", "datatype": "UINT32", "shape": [129, 1], "data": [5] * 129},
+                 {"name": "input_lengths", "datatype": "UINT32", "shape": [129, 1], "data": [1] * 129},
+                 {"name": "request_output_len", "datatype": "UINT32", "shape": [129, 1], "data": [2] * 129}]},
+     "at most 128 requests"),
+], ids=["input parameters", "datatype list", "request parameters", "unknown parameter", "string bool",
+        "exclude on FT", "fp32 overflow", "negative stop word", "zero rows", "text not bytes", "batch too large"])
+def test_more_bad_input_is_refused_not_crashed(server, body, expected):
+    r = httpx.post(f"{server.url}/v2/models/demo/infer", json=body, timeout=60)
+    assert r.status_code == 400 and expected in r.json()["error"], r.text
+
+
+def test_non_finite_values_and_overflowing_generate_parameters(server):
+    nan = b'{"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1, 1], "data": ["x"]}, ' \
+          b'{"name": "temperature", "datatype": "FP32", "shape": [1, 1], "data": [NaN]}]}'
+    r = httpx.post(f"{server.url}/v2/models/demo/infer", content=nan)
+    assert r.status_code == 400 and "NaN" in r.json()["error"]
+    for params in ({"max_tokens": 2**31}, {"seed": 2**64}, {"top_k": -1}, {"stream": True}):
+        r = httpx.post(f"{server.url}/v2/models/demo/generate", json={"text_input": "x", "parameters": params})
+        assert r.status_code == 400, (params, r.text)
+    r = httpx.post(f"{server.url}/v2/models/demo/generate_stream",
+                   json={"text_input": "x", "parameters": {"exclude_input_in_output": False}})
+    assert r.status_code == 400 and "exclude_input_in_output" in r.json()["error"]
+
+
+def test_a_client_that_goes_away_mid_infer_frees_its_requests(server):
+    import time
+
+    limit = httpx.get(f"{server.url}/v1/models").json()["data"][0]["max_model_len"]
+    body = {"inputs": _ft_json()}
+    body["inputs"][2]["data"] = [limit - 2]  # the longest it may be: still running when the client leaves
+    aborted = server.metrics()["tokenmill:request_success_total{finished_reason=abort}"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v2/models/demo/infer", json=body, timeout=0.5)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        m = server.metrics()
+        if m["tokenmill:num_requests_running"] == 0 and m["tokenmill:kv_cache_usage_perc"] == 0.0:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"the abandoned request kept running: {m}")
+    assert m["tokenmill:request_success_total{finished_reason=abort}"] == aborted + 1

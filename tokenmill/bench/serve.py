@@ -59,7 +59,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-output-len", type=int, default=128, help="tokens to generate per request")
     p.add_argument("--ignore-eos", action="store_true", help="send ignore_eos (tokenmill and vLLM honour it)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a request may wait for its next data before it counts as failed")
     p.add_argument("--save-result", action="store_true", help="write the JSON result and a PNG")
     p.add_argument("--result-dir", default="bench_results")
     p.add_argument("--result-filename", default=None)
@@ -124,6 +125,10 @@ async def _one(client: Any, args: argparse.Namespace, url: str, model: str, prom
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                if chunk.get("error"):  # an error event after some text: the request failed
+                    res.error = str(chunk["error"])[:200]
+                    res.e2e = time.perf_counter() - t0 - res.start
+                    return res
                 choices = chunk.get("choices") or []
                 text = (chunk.get("text_output") if args.backend == "kserve" else
                         choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")))
@@ -140,6 +145,7 @@ async def _one(client: Any, args: argparse.Namespace, url: str, model: str, prom
                     res.output_tokens = chunk["usage"].get("completion_tokens") or 0
     except Exception as e:  # noqa: BLE001 - a failed request is counted, the run goes on
         res.error = f"{type(e).__name__}: {e}"
+        res.e2e = time.perf_counter() - t0 - res.start  # it was in flight until now
         return res
     res.e2e = time.perf_counter() - t0 - res.start
     res.output_tokens = res.output_tokens or len(res.token_times)
@@ -186,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--request-rate must be > 0 (inf: all at once)")
     if args.backend == "kserve" and not args.model:
         raise ValueError("--backend kserve needs --model (the KServe model name)")
+    if args.backend == "kserve" and args.ignore_eos:
+        raise ValueError("--ignore-eos is an OpenAI-route extension; Triton's generate extension has no such parameter")
     prompts = _prompts(args)
     rng = random.Random(args.seed + 1)
     arrivals, t = [], 0.0

@@ -25,9 +25,12 @@ def summarize(results: list[Any], duration: float, max_concurrency: Optional[int
     # TPOT: each request's time after its first token over the tokens after it (vLLM's definition).
     tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     itl = [x for r in ok for x in r.itl]
+    # Text-carrying chunks per second of the run (a token each from tokenmill and vLLM, which send
+    # one token per chunk; other servers may batch several).
     per_second = Counter(int(t) for r in ok for t in r.token_times)
-    # Concurrency: the most requests in flight at any request's start.
-    spans = [(r.start, r.start + (r.e2e if r.ok else 0.0)) for r in results]
+    # Concurrency: the most requests in flight at any request's start (failed ones included, for
+    # as long as they were in flight).
+    spans = [(r.start, r.start + r.e2e) for r in results]
     peak_conc = max((sum(1 for s, e in spans if s <= t0 < e) for t0, _ in spans), default=0)
     summary: dict[str, Any] = dict(
         completed=len(ok), failed=len(results) - len(ok), max_concurrency=max_concurrency, duration=duration,

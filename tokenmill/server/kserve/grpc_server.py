@@ -8,6 +8,7 @@ share one engine, one bouncer and one set of metrics. Stubs: tokenmill/server/ks
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, Callable, Optional
@@ -15,6 +16,7 @@ from typing import Any, Callable, Optional
 import grpc
 import numpy as np
 
+from tokenmill.engine.async_engine import EngineDeadError
 from tokenmill.server.kserve.http import _server_version
 from tokenmill.server.kserve.protos import grpc_service_pb2 as pb
 from tokenmill.server.kserve.protos import grpc_service_pb2_grpc as pb_grpc
@@ -121,7 +123,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             kserve, inputs, wanted, params, headers = self._parse(request, context)
             outputs = await kserve.infer(inputs, wanted, headers, params)
-        except (KServeError, ValueError) as e:
+        except (KServeError, ValueError, EngineDeadError) as e:
             await self._abort(context, e)
         return _response(request.model_name, kserve.version, request.id, outputs)
 
@@ -130,11 +132,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async for request in request_iterator:
             try:
                 kserve, inputs, wanted, params, headers = self._parse(request, context)
-                async for tensors, final in kserve.stream(inputs, wanted, headers, params):
-                    response = _response(request.model_name, kserve.version, request.id, tensors, final)
-                    yield pb.ModelStreamInferResponse(infer_response=response)
-            except (KServeError, ValueError) as e:
-                yield pb.ModelStreamInferResponse(error_message=KServeError.of(e).message)
+                async with contextlib.aclosing(kserve.stream(inputs, wanted, headers, params)) as stream:
+                    async for tensors, final in stream:
+                        response = _response(request.model_name, kserve.version, request.id, tensors, final)
+                        yield pb.ModelStreamInferResponse(infer_response=response)
+            except (KServeError, ValueError, EngineDeadError) as e:
+                # The id tells the client which of its requests failed.
+                yield pb.ModelStreamInferResponse(error_message=KServeError.of(e).message,
+                                                  infer_response=pb.ModelInferResponse(
+                                                      model_name=request.model_name, id=request.id))
 
 
 async def start_grpc_server(lookup: Callable[[str, Optional[str]], KServeServing], ready: Callable[[], bool],

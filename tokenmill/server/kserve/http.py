@@ -17,7 +17,8 @@ from pydantic import BaseModel
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tokenmill.server.kserve.serving import KServeError, KServeServing
-from tokenmill.server.kserve.tensors import TensorError, http_response, parse_http_request
+from tokenmill.engine.async_engine import EngineDeadError
+from tokenmill.server.kserve.tensors import TensorError, http_response, loads, parse_http_request
 
 class KServeErrorResponse(BaseModel):
     error: str
@@ -32,7 +33,8 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 _NO_BODY = {"description": "OK (no body)", "content": {}}
-_GENERATE_PARAMETERS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stream", "exclude_input_in_output"}
+_GENERATE_PARAMETERS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "exclude_input_in_output"}
+_LIMITS = {np.int32: 2**31 - 1, np.uint64: 2**64 - 1}
 
 
 def _error(e: Exception) -> JSONResponse:
@@ -65,10 +67,32 @@ def _generate_inputs(body: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
                                ("top_p", np.float32, (int, float))):
         if name in params:
             v = params[name]
-            if isinstance(v, bool) or not isinstance(v, kinds) or (dtype in (np.int32, np.uint64) and v < 0):
-                raise TensorError(f"parameters.{name} must be a {'non-negative integer' if kinds == (int,) else 'number'}")
+            integer = kinds == (int,)
+            if isinstance(v, bool) or not isinstance(v, kinds) or (integer and not 0 <= v <= _LIMITS[dtype]):
+                raise TensorError(f"parameters.{name} must be {'an integer in [0, ' + str(_LIMITS[dtype]) + ']' if integer else 'a number'}")
             inputs[name] = np.array([[v]], dtype=dtype)
-    return inputs, params
+    request_params = {k: params[k] for k in ("exclude_input_in_output",) if k in params}
+    return inputs, request_params
+
+
+def _binary_outputs(wanted: Optional[list[dict[str, Any]]], params: dict[str, Any]) -> Optional[set[str]]:
+    """The outputs to send as binary (None: all of them), from `binary_data_output` and each
+    requested output's `binary_data`."""
+    default = params.get("binary_data_output", False)
+    if not isinstance(default, bool):
+        raise TensorError("parameters.binary_data_output must be a boolean")
+    if not wanted:
+        return None if default else set()
+    out = set()
+    for o in wanted:
+        p = o.get("parameters") or {}
+        if not isinstance(p, dict) or not isinstance(p.get("binary_data", default), bool):
+            raise TensorError(f"output {o['name']!r}: parameters.binary_data must be a boolean")
+        if set(p) - {"binary_data"}:
+            raise TensorError(f"output {o['name']!r}: unknown parameter(s) {', '.join(sorted(set(p) - {'binary_data'}))}")
+        if p.get("binary_data", default):
+            out.add(o["name"])
+    return out
 
 
 def kserve_router(lookup: Callable[[str, Optional[str]], KServeServing], ready: Callable[[], bool],
@@ -119,13 +143,14 @@ def kserve_router(lookup: Callable[[str, Optional[str]], KServeServing], ready: 
                     isinstance(o, dict) and isinstance(o.get("name"), str) for o in wanted)):
                 raise TensorError("'outputs' must be a list of objects with a 'name'")
             params = body.get("parameters") or {}
+            if not isinstance(params, dict):
+                raise TensorError("'parameters' must be an object")
+            binary = _binary_outputs(wanted, params)
             outputs = await kserve.infer(inputs, [o["name"] for o in wanted] if wanted else None, request.headers,
-                                         params)
-        except (KServeError, ValueError) as e:  # every refusal becomes the protocol's error body
+                                         params, request.is_disconnected)
+        except (KServeError, ValueError, EngineDeadError) as e:  # every refusal: the protocol's error body
             return _error(e)
-        all_binary = bool(params.get("binary_data_output", False))
-        binary = {o["name"] for o in wanted or [] if (o.get("parameters") or {}).get("binary_data", all_binary)}
-        if not wanted and all_binary:
+        if binary is None:  # binary_data_output with no outputs named: all of them
             binary = set(outputs)
         content, header_len = http_response(name, kserve.version, body.get("id"), outputs, binary)
         if header_len is None:
@@ -136,11 +161,9 @@ def kserve_router(lookup: Callable[[str, Optional[str]], KServeServing], ready: 
     async def generate(name: str, request: Request, version: Optional[str] = None) -> Response:
         try:
             kserve = lookup(name, version)
-            inputs, params = _generate_inputs(json.loads(await request.body()))
-            outputs = await kserve.infer(inputs, None, request.headers, params)
-        except json.JSONDecodeError as e:
-            return _error(TensorError(f"the request is not valid JSON: {e}"))
-        except (KServeError, ValueError) as e:
+            inputs, params = _generate_inputs(loads(await request.body()))
+            outputs = await kserve.infer(inputs, None, request.headers, params, request.is_disconnected)
+        except (KServeError, ValueError, EngineDeadError) as e:
             return _error(e)
         text = outputs["text_output"].reshape(-1)[0].decode("utf-8")
         return JSONResponse({"model_name": name, "model_version": kserve.version, "text_output": text})
@@ -148,13 +171,12 @@ def kserve_router(lookup: Callable[[str, Optional[str]], KServeServing], ready: 
     async def generate_stream(name: str, request: Request, version: Optional[str] = None) -> Response:
         try:
             kserve = lookup(name, version)
-            inputs, params = _generate_inputs(json.loads(await request.body()))
-            params = {**params, "exclude_input_in_output": True}  # a stream sends what is new
-            stream = kserve.stream(inputs, None, request.headers, params)
+            inputs, params = _generate_inputs(loads(await request.body()))
+            if params.get("exclude_input_in_output") is False:
+                raise TensorError("generate_stream sends only new text: exclude_input_in_output cannot be false")
+            stream = kserve.stream(inputs, None, request.headers, {"exclude_input_in_output": True})
             first = await anext(stream)
-        except json.JSONDecodeError as e:
-            return _error(TensorError(f"the request is not valid JSON: {e}"))
-        except (KServeError, ValueError) as e:
+        except (KServeError, ValueError, EngineDeadError) as e:
             return _error(e)
 
         async def events():

@@ -48,6 +48,8 @@ class Row:
 
     prompt_ids: list[int]
     params: SamplingParams
+    text: Optional[str] = None  # the prompt as sent (text interface)
+    end_id: Optional[int] = None  # FasterTransformer's end_id: stops generation and pads output_ids
 
 
 def _per_row(inputs: dict[str, np.ndarray], name: str, batch: int, kinds: str) -> Optional[np.ndarray]:
@@ -87,6 +89,8 @@ def ft_rows(inputs: dict[str, np.ndarray], tokenizer: Any, logprobs: bool) -> li
     if ids.ndim != 2 or ids.dtype.kind not in _INTEGER:
         raise TensorError(f"input 'input_ids' must be an integer tensor [batch, max_len], got {list(ids.shape)}")
     batch, width = ids.shape
+    if batch == 0:
+        raise TensorError("input 'input_ids' has no rows")
     lengths = _per_row(inputs, "input_lengths", batch, _INTEGER)
     out_len = _per_row(inputs, "request_output_len", batch, _INTEGER)
     end_id = _per_row(inputs, "end_id", batch, _INTEGER)
@@ -102,18 +106,21 @@ def ft_rows(inputs: dict[str, np.ndarray], tokenizer: Any, logprobs: bool) -> li
         if not 1 <= n <= width:
             raise TensorError(f"input_lengths[{b}] is {n}, but input_ids rows hold {width} tokens")
         k = 1 if top_k is None else int(top_k[b])
-        greedy = k == 1  # FasterTransformer's default runtime_top_k of 1 is greedy decoding
+        p = 0.0 if top_p is None else float(top_p[b])
+        # FasterTransformer decodes greedily with its default runtime_top_k of 1, and also when
+        # both top_k and top_p are 0.
+        greedy = k == 1 or (k == 0 and p == 0.0)
         try:
             params = SamplingParams(
                 temperature=0.0 if greedy else (1.0 if temperature is None else float(temperature[b])),
-                top_k=0 if greedy else k, top_p=1.0 if top_p is None or float(top_p[b]) == 0 else float(top_p[b]),
+                top_k=0 if greedy else k, top_p=1.0 if p == 0.0 else p,
                 repetition_penalty=1.0 if repetition is None else float(repetition[b]),
                 seed=None if seed is None else int(seed[b]), max_tokens=int(out_len[b]),
                 stop_token_ids=[] if end_id is None else [int(end_id[b])], stop=stops[b] or None,
                 logprobs=0 if logprobs else None, output_kind=RequestOutputKind.DELTA)
         except ValueError as e:
             raise TensorError(f"row {b}: {e}") from None
-        rows.append(Row([int(t) for t in ids[b, :n]], params))
+        rows.append(Row([int(t) for t in ids[b, :n]], params, end_id=None if end_id is None else int(end_id[b])))
     return rows
 
 
@@ -131,7 +138,10 @@ def _stop_words(words: Optional[np.ndarray], batch: int, tokenizer: Any) -> list
         for end in offsets:
             if not start < end <= len(ids):
                 raise TensorError(f"stop_words_list[{b}] has offset {end} outside its {len(ids)} ids")
-            row.append(tokenizer.decode([int(t) for t in ids[start:end]]))
+            word = [int(t) for t in ids[start:end]]
+            if any(not 0 <= t < len(tokenizer) for t in word):
+                raise TensorError(f"stop_words_list[{b}] holds a token id outside [0, {len(tokenizer)})")
+            row.append(tokenizer.decode(word))
             start = end
         out.append([w for w in row if w])
     return out
@@ -140,8 +150,12 @@ def _stop_words(words: Optional[np.ndarray], batch: int, tokenizer: Any) -> list
 def text_rows(inputs: dict[str, np.ndarray], tokenizer: Any) -> list[Row]:
     if tokenizer is None:
         raise TensorError("text_input needs the model's tokenizer, and this model has none")
+    if inputs["text_input"].dtype != np.object_:
+        raise TensorError("input 'text_input' must be BYTES")
     texts = inputs["text_input"].reshape(-1)
     batch = texts.size
+    if batch == 0:
+        raise TensorError("input 'text_input' has no rows")
     max_tokens = _per_row(inputs, "max_tokens", batch, _INTEGER)
     temperature = _per_row(inputs, "temperature", batch, "f")
     top_p = _per_row(inputs, "top_p", batch, "f")
@@ -159,15 +173,16 @@ def text_rows(inputs: dict[str, np.ndarray], tokenizer: Any) -> list[Row]:
                                     output_kind=RequestOutputKind.DELTA)
         except (UnicodeDecodeError, ValueError) as e:
             raise TensorError(f"row {b}: {e}") from None
-        rows.append(Row(tokenizer.encode(prompt), params))
+        rows.append(Row(tokenizer.encode(prompt), params, text=prompt))
     return rows
 
 
 def ft_outputs(rows: list[Row], finals: list[RequestOutput], end_id: int) -> dict[str, np.ndarray]:
     seqs = [row.prompt_ids + list(f.outputs[0].token_ids) for row, f in zip(rows, finals)]
     width = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), 1, width), end_id, dtype=np.uint32)
-    for b, s in enumerate(seqs):
+    ids = np.zeros((len(seqs), 1, width), dtype=np.uint32)
+    for b, (s, row) in enumerate(zip(seqs, rows)):
+        ids[b, 0, :] = row.end_id if row.end_id is not None else end_id  # padding: the row's end id
         ids[b, 0, :len(s)] = s
     out = {"output_ids": ids, "sequence_length": np.array([[len(s)] for s in seqs], dtype=np.uint32)}
     if finals and finals[0].outputs[0].logprobs is not None:
@@ -180,7 +195,7 @@ def ft_outputs(rows: list[Row], finals: list[RequestOutput], end_id: int) -> dic
     return out
 
 
-def text_outputs(prompts: list[str], finals: list[RequestOutput], exclude_input: bool) -> dict[str, np.ndarray]:
-    texts = [(f.outputs[0].text if exclude_input else p + f.outputs[0].text).encode("utf-8")
-             for p, f in zip(prompts, finals)]
+def text_outputs(rows: list[Row], finals: list[RequestOutput], exclude_input: bool) -> dict[str, np.ndarray]:
+    texts = [(f.outputs[0].text if exclude_input else (r.text or "") + f.outputs[0].text).encode("utf-8")
+             for r, f in zip(rows, finals)]
     return {"text_output": np.array(texts, dtype=np.object_).reshape(-1, 1)}

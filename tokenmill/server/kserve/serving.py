@@ -6,12 +6,14 @@ answers in its own protocol's terms (HTTP `{"error": "..."}`, gRPC INVALID_ARGUM
 """
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Optional
 
 import numpy as np
 
+from tokenmill.engine.async_engine import EngineDeadError
 from tokenmill.engine.request_validation import InvalidRequest
 from tokenmill.outputs import RequestOutput
 from tokenmill.server.kserve import interface
@@ -19,7 +21,10 @@ from tokenmill.server.kserve.tensors import TensorError
 from tokenmill.server.openai import Job, OpenAIServing
 from tokenmill.server.refusal import Refusal
 
-_GRPC_CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+# Request-level parameters honoured: the outputs' encoding, whether text_output repeats the prompt,
+# and tritonclient's request for a final-flagged stream response (the last response always is).
+_PARAMETERS = {"binary_data_output", "exclude_input_in_output", "triton_enable_empty_final_response"}
+_GRPC_CODES = {499: "CANCELLED", 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
                429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}
 
 
@@ -39,6 +44,8 @@ class KServeError(Exception):
             return e
         if isinstance(e, Refusal):
             return cls(e.status, e.message, e.retry_after)
+        if isinstance(e, EngineDeadError):
+            return cls(503, str(e))
         status = getattr(e, "status", 400)  # BadRequest carries 404 for an unknown model
         return cls(status, str(e))
 
@@ -68,8 +75,16 @@ class KServeServing:
         return {"name": name, "versions": [self.version], "platform": "tokenmill",
                 "inputs": inputs, "outputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in interface.OUTPUTS]}
 
-    def _rows(self, inputs: dict[str, np.ndarray], requested: Optional[list[str]]) -> tuple[str, list[interface.Row]]:
+    def _rows(self, inputs: dict[str, np.ndarray], requested: Optional[list[str]],
+              parameters: Mapping[str, Any]) -> tuple[str, list[interface.Row]]:
         kind = interface.interface_of(inputs)
+        for key, value in parameters.items():  # request-level parameters: nothing is ignored silently
+            if key not in _PARAMETERS:
+                raise TensorError(f"unknown request parameter {key!r} (known: {', '.join(sorted(_PARAMETERS))})")
+            if not isinstance(value, bool):
+                raise TensorError(f"request parameter {key!r} must be a boolean, got {value!r}")
+        if kind == "ft" and "exclude_input_in_output" in parameters:
+            raise TensorError("exclude_input_in_output applies to text_input; output_ids always hold the prompt")
         if kind == "ft":
             rows = interface.ft_rows(inputs, self.tokenizer, logprobs="output_log_probs" in (requested or []))
         else:
@@ -78,6 +93,9 @@ class KServeServing:
         for name in requested or []:
             if name not in allowed:
                 raise TensorError(f"unknown output {name!r} for these inputs (outputs: {', '.join(sorted(allowed))})")
+        limit = self.admission.limits.max_num_queued_reqs
+        if len(rows) > limit:  # it could never be admitted: a 400, not a 503 to retry forever
+            raise TensorError(f"the batch has {len(rows)} rows; this server takes at most {limit} requests at once")
         max_param = "request_output_len" if kind == "ft" else "max_tokens"
         for row in rows:
             self.admission.validator.check(row.prompt_ids, row.params, max_tokens_must_fit=True,
@@ -95,23 +113,35 @@ class KServeServing:
         if kind == "ft":
             out = interface.ft_outputs(rows, finals, self.end_id)
         else:
-            prompts = [self.tokenizer.decode(r.prompt_ids) for r in rows]
-            out = interface.text_outputs(prompts, finals, bool(parameters.get("exclude_input_in_output", False)))
+            out = interface.text_outputs(rows, finals, bool(parameters.get("exclude_input_in_output", False)))
         if requested:
             out = {k: v for k, v in out.items() if k in requested}
         return out
 
+    def _refuse(self, e: Exception) -> KServeError:
+        if isinstance(e, (TensorError, InvalidRequest)):
+            self.admission.metrics.reject("bad_request")  # refusals by access or capacity count themselves
+        return KServeError.of(e)
+
     async def infer(self, inputs: dict[str, np.ndarray], requested: Optional[list[str]], headers: Mapping[str, str],
-                    parameters: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Run every row to completion; the output tensors."""
+                    parameters: Mapping[str, Any],
+                    disconnected: Optional[Callable[[], Awaitable[bool]]] = None) -> dict[str, np.ndarray]:
+        """Run every row to completion; the output tensors. A client that goes away (as
+        `disconnected` tells) aborts every row at once, and their KV blocks go back to the pool."""
         try:
-            kind, rows = self._rows(inputs, requested)
+            kind, rows = self._rows(inputs, requested, parameters)
             jobs = self._admit(rows, headers)
         except (TensorError, InvalidRequest, Refusal) as e:
-            raise KServeError.of(e) from None
+            raise self._refuse(e) from None
         finals: list[Optional[RequestOutput]] = [None] * len(jobs)
-        async for i, out in self.openai._run_all(jobs):
-            finals[i] = out
+        try:
+            async with contextlib.aclosing(self.openai._run_all(jobs)) as outputs:
+                async for i, out in outputs:
+                    finals[i] = out
+                    if disconnected is not None and await disconnected():
+                        raise KServeError(499, "the client disconnected")
+        except EngineDeadError as e:
+            raise KServeError.of(e) from None
         return self._outputs(kind, rows, finals, requested, parameters)  # type: ignore[arg-type]
 
     async def stream(self, inputs: dict[str, np.ndarray], requested: Optional[list[str]], headers: Mapping[str, str],
@@ -119,14 +149,23 @@ class KServeServing:
         """One response per engine step that produced tokens (decoupled streaming), each with that
         step's new tokens or text, the last flagged final. Streams take one row."""
         try:
-            kind, rows = self._rows(inputs, requested)
+            kind, rows = self._rows(inputs, requested, parameters)
             if len(rows) != 1:
                 raise TensorError(f"a streaming request takes one row, got {len(rows)}")
+            if "output_log_probs" in (requested or []):
+                raise TensorError("output_log_probs is not streamed; ask for it in a non-streaming request")
             jobs = self._admit(rows, headers)
         except (TensorError, InvalidRequest, Refusal) as e:
-            raise KServeError.of(e) from None
+            raise self._refuse(e) from None
+        async with contextlib.aclosing(self.openai._run_all(jobs)) as outputs:
+            async for item in self._deltas(kind, requested, outputs):
+                yield item
+
+    async def _deltas(self, kind: str, requested: Optional[list[str]],
+                      outputs: AsyncIterator[tuple[int, RequestOutput]]
+                      ) -> AsyncIterator[tuple[dict[str, np.ndarray], bool]]:
         sent_tokens, sent_text = 0, 0
-        async for _, out in self.openai._run_all(jobs):
+        async for _, out in outputs:
             c = out.outputs[0]
             new_ids, new_text = list(c.token_ids[sent_tokens:]), c.text[sent_text:]
             sent_tokens, sent_text = len(c.token_ids), len(c.text)

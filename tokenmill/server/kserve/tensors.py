@@ -40,7 +40,7 @@ def _check_shape(name: str, shape: Any) -> tuple[int, ...]:
 
 
 def _check_datatype(name: str, datatype: Any) -> Any:
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise TensorError(f"input {name!r}: unknown datatype {datatype!r} (one of {', '.join(DATATYPES)})")
     return DATATYPES[datatype]
 
@@ -99,6 +99,8 @@ def from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> np
         values = np.array(flat.tolist(), dtype=dtype)
     except OverflowError:
         raise TensorError(f"input {name!r}: a value is out of range for {datatype}") from None
+    if kind == "f" and not np.isfinite(values).all():
+        raise TensorError(f"input {name!r}: a value is not finite in {datatype}")
     if kind in "iu" and not np.array_equal(values.astype(object), flat):
         raise TensorError(f"input {name!r}: a value is out of range for {datatype}")
     return values.reshape(shape)
@@ -108,6 +110,18 @@ def to_json(array: np.ndarray) -> list[Any]:
     if datatype_of(array) == "BYTES":
         return [x.decode("utf-8", errors="replace") if isinstance(x, bytes) else str(x) for x in array.reshape(-1)]
     return array.reshape(-1).tolist()
+
+
+def _no_constant(name: str) -> Any:
+    raise TensorError(f"{name} is not a number JSON allows")
+
+
+def loads(data: bytes) -> Any:
+    """JSON without NaN / Infinity literals (a NaN temperature would sample garbage)."""
+    try:
+        return json.loads(data, parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TensorError(f"the request is not valid JSON: {e}") from None
 
 
 def parse_http_request(body: bytes, header_length: Optional[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -122,10 +136,7 @@ def parse_http_request(body: bytes, header_length: Optional[str]) -> tuple[dict[
         head, binary = body[:n], body[n:]
     else:
         head, binary = body, b""
-    try:
-        request = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TensorError(f"the request is not valid JSON: {e}") from None
+    request = loads(head)
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise TensorError("the request must be a JSON object with an 'inputs' list")
     inputs: dict[str, np.ndarray] = {}
@@ -138,7 +149,10 @@ def parse_http_request(body: bytes, header_length: Optional[str]) -> tuple[dict[
             raise TensorError(f"input {name!r} is given twice")
         shape = _check_shape(name, spec.get("shape"))
         datatype = spec.get("datatype")
-        size = (spec.get("parameters") or {}).get("binary_data_size")
+        params = spec.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise TensorError(f"input {name!r}: 'parameters' must be an object")
+        size = params.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise TensorError(f"input {name!r}: binary_data_size {size!r} runs past the {len(binary)} bytes "
