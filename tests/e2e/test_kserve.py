@@ -300,3 +300,30 @@ def test_a_client_that_goes_away_mid_infer_frees_its_requests(server):
     else:
         raise AssertionError(f"the abandoned request kept running: {m}")
     assert m["tokenmill:request_success_total{finished_reason=abort}"] == aborted + 1
+
+
+def test_requests_on_one_grpc_stream_run_concurrently(server, tok):
+    import time
+
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    responses: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    arrays = ft_arrays(tok, PROMPTS[:1], 24)
+    for rid in ("a", "b"):
+        inputs = [grpcclient.InferInput(n, a.shape, "UINT32") for n, a in
+                  zip(("input_ids", "input_lengths", "request_output_len"), arrays)]
+        for i, a in zip(inputs, arrays):
+            i.set_data_from_numpy(a)
+        client.async_stream_infer("demo", inputs, request_id=rid, enable_empty_final_response=True)
+    order, finals = [], 0
+    deadline = time.time() + 60
+    while finals < 2 and time.time() < deadline:
+        res, err = responses.get(timeout=60)
+        assert err is None, err
+        order.append(res.get_response().id)
+        finals += res.get_response().parameters["triton_final_response"].bool_param
+    client.stop_stream()
+    # Interleaved: b's first response came before a's last, so b did not wait for a to finish.
+    assert finals == 2 and order.index("b") < len(order) - 1 - order[::-1].index("a"), order

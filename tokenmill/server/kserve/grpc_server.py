@@ -8,6 +8,7 @@ share one engine, one bouncer and one set of metrics. Stubs: tokenmill/server/ks
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -128,19 +129,42 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return _response(request.model_name, kserve.version, request.id, outputs)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
-        # A bad request is answered in the stream (error_message), which stays open for the next.
-        async for request in request_iterator:
+        # Requests on one stream run concurrently, as on Triton's decoupled streams: each is its
+        # own task, and their responses are interleaved as they come. A bad request is answered
+        # in the stream (error_message, with its id), which stays open for the next.
+        responses: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def serve(request: Any) -> None:
             try:
                 kserve, inputs, wanted, params, headers = self._parse(request, context)
                 async with contextlib.aclosing(kserve.stream(inputs, wanted, headers, params)) as stream:
                     async for tensors, final in stream:
                         response = _response(request.model_name, kserve.version, request.id, tensors, final)
-                        yield pb.ModelStreamInferResponse(infer_response=response)
+                        responses.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
             except (KServeError, ValueError, EngineDeadError) as e:
-                # The id tells the client which of its requests failed.
-                yield pb.ModelStreamInferResponse(error_message=KServeError.of(e).message,
-                                                  infer_response=pb.ModelInferResponse(
-                                                      model_name=request.model_name, id=request.id))
+                responses.put_nowait(pb.ModelStreamInferResponse(
+                    error_message=KServeError.of(e).message,
+                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id)))
+
+        tasks: list[asyncio.Task] = []
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    tasks.append(asyncio.create_task(serve(request)))
+                await asyncio.gather(*tasks)
+            finally:
+                responses.put_nowait(done)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await responses.get()) is not done:
+                yield item
+        finally:  # the client closed the stream: every request still running is aborted
+            for task in [reader, *tasks]:
+                task.cancel()
+            await asyncio.gather(reader, *tasks, return_exceptions=True)
 
 
 async def start_grpc_server(lookup: Callable[[str, Optional[str]], KServeServing], ready: Callable[[], bool],
