@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -55,36 +53,13 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(scratch):
-    import httpx
+    from tests.e2e.conftest import Server
 
-    port, grpc_port = _free_port(), _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--served-model-name", "demo",
-                             "--port", str(port), "--grpc-port", str(grpc_port)], cwd=scratch, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            raise RuntimeError("the server did not become healthy")
-        yield port, grpc_port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    s = Server(cwd=str(scratch), env=_env())
+    yield s.port, s.grpc_port
+    s.stop()
 
 
 def _run(lang: str, code: str, cwd: Path) -> subprocess.CompletedProcess:

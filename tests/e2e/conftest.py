@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Optional
 
 import httpx
 import pytest
@@ -18,14 +19,15 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *args: str, served_model_name: bool = True) -> None:
+    def __init__(self, *args: str, served_model_name: bool = True, cwd: Optional[str] = None,
+                 env: Optional[dict[str, str]] = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_port = free_port()
         self.proc = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(self.port),
                                       "--grpc-port", str(self.grpc_port),
                                       *(["--served-model-name", "demo"] if served_model_name else []), *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env)
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
