@@ -41,3 +41,18 @@ def test_bench_serve_kserve_and_chat_backends(server):
         assert re.search(r"Successful requests:\s+3\s", proc.stdout) and re.search(r"Failed requests:\s+0\s", proc.stdout)
     bad = bench("--base-url", server.url, "--num-prompts", "0")
     assert bad.returncode == 2 and "--num-prompts" in bad.stderr
+
+
+def test_bench_serve_sharegpt_dataset(server, tmp_path):
+    data = tmp_path / "sharegpt.json"
+    data.write_text(json.dumps([
+        {"conversations": [{"from": "human", "value": "What is a list?"}, {"from": "gpt", "value": "A sequence."}]},
+        {"conversations": [{"from": "human", "value": "And a tuple?"}]},
+    ]))
+    proc = bench("--base-url", server.url, "--dataset", "sharegpt", str(data), "--num-prompts", "4",
+                 "--random-output-len", "4", "--save-result", "--result-dir", str(tmp_path), "--result-filename", "s.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "s.json").read_text())["results"]["tokenmill"]
+    assert result["completed"] == 4 and result["total_input_tokens"] > 0
+    missing = bench("--base-url", server.url, "--dataset", "sharegpt", str(tmp_path / "nope.json"))
+    assert missing.returncode == 2 and "not found" in missing.stderr
