@@ -158,3 +158,22 @@ def test_metrics_parse_and_describe_load(server, client):
     assert m["tokenmill:request_success_total{finished_reason=length}"] >= 1
     assert m["tokenmill:admission_rejections_total{reason=bad_request}"] == before + 1
     assert m["tokenmill:kv_cache_usage_perc"] == 0 and m["tokenmill:num_requests_running"] == 0
+
+
+@pytest.mark.parametrize("extra,status,expected", [
+    (dict(logit_bias={"5": 10}), 400, "'logit_bias' is not supported"),
+    (dict(suffix="x"), 400, "'suffix' is not supported"),
+    (dict(best_of=3), 400, "best_of=3"),
+    (dict(response_format={"type": "json_object"}), 400, "response_format 'json_object'"),
+    (dict(guided_json={"type": "object"}), 400, "'guided_json' is not supported"),
+    (dict(frobnicate=1), 400, "unknown field 'frobnicate'"),
+    (dict(user="u1", metadata={"k": "v"}, store=False, response_format={"type": "text"}), 200, None),
+])
+def test_fields_that_would_change_the_output_are_refused_not_ignored(server, extra, status, expected):
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2, **extra})
+    assert r.status_code == status, r.text
+    if expected:
+        assert expected in r.json()["error"]["message"] and r.json()["error"]["param"] in extra
+    chat = httpx.post(f"{server.url}/v1/chat/completions",
+                      json={"model": "demo", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2, **extra})
+    assert chat.status_code == status, chat.text

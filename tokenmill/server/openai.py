@@ -85,6 +85,7 @@ class OpenAIServing:
 
     async def completions(self, body: CompletionRequest, request: Request) -> Union[JSONResponse, StreamingResponse]:
         self.admission.check_model(body.model)
+        body.check_fields()
         if body.echo:
             raise BadRequest("echo is not supported", param="echo")
         jobs = self._jobs(self._prompts(body), lambda mt: body.sampling_params(mt, body.logprobs),
@@ -94,6 +95,7 @@ class OpenAIServing:
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Union[JSONResponse, StreamingResponse]:
         self.admission.check_model(body.model)
+        body.check_fields()
         conversation = body.conversation()
         if not getattr(self.tokenizer, "chat_template", None):
             raise BadRequest("this model's tokenizer has no chat template", param="messages")

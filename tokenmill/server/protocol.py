@@ -25,8 +25,21 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Fields of the OpenAI API (and vLLM's extras) that do not change the output: accepted, so that
+# existing clients and frameworks keep working.
+_NO_EFFECT = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "request_id", "priority"}
+# Fields that would change the output and that tokenmill does not honour yet: refused by name.
+_NOT_HONOURED = {"logit_bias", "suffix", "audio", "modalities", "prediction", "tools", "tool_choice", "functions",
+                 "function_call", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                 "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern", "reasoning_effort",
+                 "web_search_options", "use_beam_search", "length_penalty", "prompt_logprobs", "add_special_tokens",
+                 "truncate_prompt_tokens", "allowed_token_ids", "bad_words", "min_tokens_ratio", "logits_processors"}
+
+
 class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Extra fields are kept so that check_fields() can refuse them by name: a field that would
+    # change the output is never silently ignored.
+    model_config = ConfigDict(extra="allow")
 
     model: str
     n: int = 1
@@ -48,6 +61,26 @@ class _SamplingFields(BaseModel):
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+
+    best_of: Optional[int] = None
+    response_format: Optional[dict[str, Any]] = None
+
+    def check_fields(self) -> None:
+        """400 for a field tokenmill would otherwise ignore: one it does not honour, or one
+        unknown to both the OpenAI API and vLLM's extras."""
+        for name, value in (self.model_extra or {}).items():
+            if name in _NO_EFFECT:
+                continue
+            if name in _NOT_HONOURED:
+                if name == "tool_choice" and value == "none" and not (self.model_extra or {}).get("tools"):
+                    continue  # asks for no tool call, which is what happens
+                raise BadRequest(f"{name!r} is not supported by this server yet", param=name, code="unsupported_field")
+            raise BadRequest(f"unknown field {name!r}", param=name, code="unknown_field")
+        if self.best_of is not None and self.best_of != self.n:
+            raise BadRequest(f"best_of={self.best_of} is not supported (only best_of equal to n)", param="best_of")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise BadRequest(f"response_format {self.response_format.get('type')!r} is not supported yet (only 'text')",
+                             param="response_format", code="unsupported_field")
 
     def sampling_params(self, max_tokens: int, logprobs: Optional[int]) -> SamplingParams:
         try:
