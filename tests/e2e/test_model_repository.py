@@ -84,6 +84,13 @@ def test_grpc_picks_the_model_and_metrics_carry_its_name(repo_server):
         t = grpcclient.InferInput(name, a.shape, "UINT32")
         t.set_data_from_numpy(a)
         inputs.append(t)
+    index = {m.name: m for m in client.get_model_repository_index().models}
+    assert index["chat"].version == "3" and index["broken"].state == "UNAVAILABLE" and index["broken"].reason
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as exc:  # an RPC tokenmill does not serve
+        client.get_model_config("tiny")
+    assert "UNIMPLEMENTED" in str(exc.value.status())
     result = client.infer("tiny", inputs)
     assert result.get_response().model_name == "tiny" and result.as_numpy("sequence_length")[0, 0] == 7
     text = httpx.get(f"{repo_server.url}/metrics").text

@@ -51,7 +51,8 @@ def build_app(served: list[ServedModel], access: AccessController, server_metric
         # tritonclient.grpc's own in a process that imports both and never starts the service.
         from tokenmill.server.kserve.grpc_server import start_grpc_server
 
-        grpc_server = (await start_grpc_server(registry.kserve, lambda: registry.serving, *grpc_address)
+        grpc_server = (await start_grpc_server(registry.kserve, lambda: registry.serving, registry.index,
+                                                 *grpc_address)
                        if grpc_address else None)
         try:
             yield

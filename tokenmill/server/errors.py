@@ -26,6 +26,12 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+class KServeErrorResponse(BaseModel):
+    """The error body of Triton's protocol (the /v2 routes)."""
+
+    error: str
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok", "unavailable"]
 
@@ -41,12 +47,13 @@ _DESCRIPTIONS = {
     400: "The request is malformed or cannot be served (the message and param say what is wrong).",
     401: "Missing, malformed or unknown API key.",
     403: "The request does not match the required client signature.",
-    404: "The model named in the request is not served here.",
+    404: "The model (or model version) named in the request is not served here.",
     429: "A rate limit or quota of this API key is spent; Retry-After says when to come back.",
-    503: "The server is at capacity or the engine is not serving; Retry-After says when to retry.",
+    503: "The server is at capacity, or the model or engine is not ready; Retry-After says when to retry.",
 }
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` for these statuses, each with the error body's schema."""
-    return {s: {"model": ErrorResponse, "description": _DESCRIPTIONS[s]} for s in statuses}
+def error_responses(*statuses: int, body: type[BaseModel] = ErrorResponse) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these statuses, each with the error body's schema (OpenAI's by
+    default; KServeErrorResponse for the /v2 routes)."""
+    return {s: {"model": body, "description": _DESCRIPTIONS[s]} for s in statuses}

@@ -1,6 +1,12 @@
 """The open inference protocol over gRPC: `inference.GRPCInferenceService`, as Triton serves it
-(ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer, and
-ModelStreamInfer with one response per generated step, the last flagged `triton_final_response`).
+(ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer, ModelStreamInfer
+with one response per generated step, the last flagged `triton_final_response`, and
+RepositoryIndex).
+
+The service's other RPCs (ModelConfig, ModelStatistics, repository load/unload, shared memory,
+trace and log settings) are not served: they fall through to the generated base class in
+protos/grpc_service_pb2_grpc.py, whose `raise NotImplementedError` after setting the status is
+how grpc answers UNIMPLEMENTED, which is what a client should hear for them.
 
 It runs on the HTTP server's event loop (started and stopped with the app), so both front ends
 share one engine, one bouncer and one set of metrics. Stubs: tokenmill/server/kserve/protos
@@ -73,8 +79,16 @@ def _response(model: str, version: str, request_id: str, outputs: dict[str, np.n
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, lookup: Callable[[str, Optional[str]], KServeServing], ready: Callable[[], bool]) -> None:
-        self.lookup, self.ready = lookup, ready
+    def __init__(self, lookup: Callable[[str, Optional[str]], KServeServing], ready: Callable[[], bool],
+                 index: Callable[[], list[dict[str, str]]]) -> None:
+        self.lookup, self.ready, self.index = lookup, ready, index
+
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        resp = pb.RepositoryIndexResponse()
+        for m in self.index():
+            if not request.ready or m["state"] == "READY":
+                resp.models.add(name=m["name"], version=m["version"], state=m["state"], reason=m.get("reason", ""))
+        return resp
 
     async def _abort(self, context: Any, e: Exception) -> None:
         err = KServeError.of(e)
@@ -168,9 +182,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 async def start_grpc_server(lookup: Callable[[str, Optional[str]], KServeServing], ready: Callable[[], bool],
-                            host: str, port: int) -> Any:
+                            index: Callable[[], list[dict[str, str]]], host: str, port: int) -> Any:
     server = grpc.aio.server()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(lookup, ready), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(lookup, ready, index), server)
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise OSError(f"cannot listen for gRPC on {host}:{port}")
     await server.start()

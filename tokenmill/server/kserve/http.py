@@ -13,23 +13,15 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tokenmill.server.kserve.serving import KServeError, KServeServing
 from tokenmill.engine.async_engine import EngineDeadError
+from tokenmill.server.errors import KServeErrorResponse, error_responses
 from tokenmill.server.kserve.tensors import TensorError, http_response, loads, parse_http_request
 
-class KServeErrorResponse(BaseModel):
-    error: str
-
-
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    what = {400: "The request is malformed (the message names the problem).", 401: "Missing or unknown API key.",
-            403: "The request does not match the required client signature.",
-            404: "Unknown model or version.", 429: "A rate limit of this API key is spent.",
-            503: "The model is not ready, or the server is at capacity."}
-    return {s: {"model": KServeErrorResponse, "description": what[s]} for s in statuses}
+    return error_responses(*statuses, body=KServeErrorResponse)
 
 
 _NO_BODY = {"description": "OK (no body)", "content": {}}
