@@ -9,7 +9,8 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from tokenmill.llm import LLM  # noqa: E402
 from tokenmill.outputs import CompletionOutput, RequestOutput  # noqa: E402
-from tokenmill.sampling_params import RequestOutputKind, SamplingParams  # noqa: E402
+from tokenmill.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams  # noqa: E402
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestOutputKind"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput",
+           "RequestOutputKind"]
 __version__ = "0.1.0"

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from tokenmill.structured.params import StructuredOutputsParams
+
 _GREEDY_EPS = 1e-5
 
 
@@ -37,6 +39,8 @@ class SamplingParams:
         prompt_logprobs: top-N logprobs per prompt token.
         output_kind: CUMULATIVE (default), DELTA or FINAL_ONLY: DELTA and FINAL_ONLY spare the
             engine rebuilding every request's whole output each step.
+        structured_outputs: a grammar the output must follow (JSON schema, regex, choice, EBNF).
+        logit_bias: token id -> bias in [-100, 100] added to its logit before sampling (OpenAI's).
     """
 
     n: int = 1
@@ -58,6 +62,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: Optional[StructuredOutputsParams] = None
+    logit_bias: Optional[dict[int, float]] = None
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -107,6 +113,17 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise bad("output_kind", "a RequestOutputKind")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise bad("structured_outputs", "a StructuredOutputsParams")
+            if self.min_tokens:
+                # The grammar decides where the output ends; holding back EOS could leave no token.
+                raise ValueError("min_tokens cannot be combined with structured_outputs")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or not all(
+                    isinstance(t, int) and t >= 0 and isinstance(b, (int, float)) and -100 <= b <= 100
+                    for t, b in self.logit_bias.items()):
+                raise bad("logit_bias", "a dict of token id (>= 0) to a bias in [-100, 100]")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 0):

@@ -208,7 +208,7 @@ class AsyncLLMEngine:
         sched = self.engine.scheduler
         snap = LoadSnapshot(
             num_running=len({s.request.request_id for s in sched.running}),
-            num_waiting=len({s.request.request_id for s in sched.waiting}),
+            num_waiting=len({s.request.request_id for s in sched.waiting}) + self.engine.num_compiling,
             waiting_tokens=sum(s.num_tokens - s.num_computed_tokens for s in sched.waiting),
             free_blocks=self.engine.block_manager.num_free_blocks)
         with self._lock:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any, Optional, Union
 
 from tokenmill.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, eos_token_ids
@@ -12,13 +13,16 @@ from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.kv_tiers import SpillCostModel
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.engine.model_runner import ModelRunner
-from tokenmill.engine.request_validation import RequestValidator
+from tokenmill.engine.request_validation import InvalidRequest, RequestValidator
 from tokenmill.engine.scheduler import Scheduler
 from tokenmill.engine.sequence import Request
 from tokenmill.engine.stats import EngineStats
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.tokenizer import load_tokenizer
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
+from tokenmill.structured.grammars import GrammarCache
+from tokenmill.structured.matcher import GrammarState
+from tokenmill.structured.params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +85,8 @@ class LLMEngine:
         self.validator = RequestValidator(model_config.hf_config.vocab_size, scheduler_config.max_model_len,
                                           self.block_manager.num_blocks * self.block_manager.block_size)
         self.requests: dict[str, Request] = {}
+        self._grammars: Optional[GrammarCache] = None  # built on the first constrained request
+        self._compiling: list[Request] = []  # constrained requests whose grammar is compiling
         self.stats = EngineStats(kv_blocks_total=self.block_manager.num_blocks,
                                  spill_blocks_total=runner.num_spill_blocks)
         self._next_id = 0
@@ -108,6 +114,8 @@ class LLMEngine:
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         text, ids = self.tokenize(prompt)
         self.validator.check(ids, params)
+        if params.structured_outputs is not None:
+            self.check_structured_outputs(params.structured_outputs)
         if request_id is None:
             request_id = str(self._next_id)
             self._next_id += 1
@@ -118,15 +126,61 @@ class LLMEngine:
             if self.tokenizer is not None:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
                                                          params.stop_strings, params.include_stop_str_in_output)
-            self.scheduler.add(seq)
         self.requests[request_id] = req
+        if params.structured_outputs is None:
+            for seq in req.seqs:
+                self.scheduler.add(seq)
+        else:
+            # Scheduled once its grammar is compiled (at once when an earlier request compiled it).
+            req.grammar_future = self.grammars.submit(params.structured_outputs)
+            self._compiling.append(req)
+            self._admit_compiled()
         return request_id
+
+    # -- structured outputs ---------------------------------------------------------------
+    @property
+    def grammars(self) -> GrammarCache:
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise InvalidRequest("structured_outputs need the tokenizer (skip_tokenizer_init is set)",
+                                     "structured_outputs")
+            self._grammars = GrammarCache(self.tokenizer, self.model_config.hf_config.vocab_size,
+                                          sorted(self.eos_token_ids))
+        return self._grammars
+
+    def check_structured_outputs(self, so: StructuredOutputsParams) -> None:
+        """InvalidRequest naming what the grammar engine cannot enforce. Cheap (no compiling),
+        and safe to call from the server's thread."""
+        try:
+            self.grammars.check(so)
+        except ValueError as e:
+            raise InvalidRequest(str(e), "structured_outputs") from e
+
+    def _admit_compiled(self) -> None:
+        """Hand the requests whose grammar is ready to the scheduler, a matcher per sequence."""
+        for req in [r for r in self._compiling if r.grammar_future.done()]:
+            self._compiling.remove(req)
+            error = req.grammar_future.exception()
+            if error is not None:  # check() passed, so this is the grammar engine failing
+                logger.error("request %s: compiling its grammar failed: %s", req.request_id, error)
+                self.scheduler.abort(req.seqs)
+                continue
+            for seq in req.seqs:
+                seq.grammar = GrammarState(req.grammar_future.result(), self.grammars.stop_token_ids)
+                self.scheduler.add(seq)
+
+    @property
+    def num_compiling(self) -> int:
+        """Requests waiting for their grammar to compile (not yet in the scheduler)."""
+        return len(self._compiling)
 
     def abort_request(self, request_ids: Union[str, list[str]]) -> None:
         """Stop requests now; their KV blocks go back to the pool at once."""
         for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
             req = self.requests.pop(rid, None)
             if req is not None:
+                if req in self._compiling:
+                    self._compiling.remove(req)
                 self.scheduler.abort(req.seqs)
 
     def shutdown(self, graceful: bool = True) -> None:
@@ -134,15 +188,21 @@ class LLMEngine:
         graceful=False kills them, for when a step may still be running."""
         if self.executor is not None:
             self.executor.shutdown(graceful)
+        if self._grammars is not None:
+            self._grammars.shutdown()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._compiling)
 
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model, apply results; outputs of every request that progressed."""
+        self._admit_compiled()
         sched = self.scheduler.schedule()
-        sampled = self.model_runner.execute(sched, self._banned(sched)) if not sched.is_empty else {}
+        if sched.is_empty and self._compiling:  # nothing to run but grammars: wait for one
+            wait([r.grammar_future for r in self._compiling], timeout=0.05, return_when=FIRST_COMPLETED)
+        grammars = {s.seq_id: s.grammar for s, _ in sched.scheduled if s.grammar is not None}
+        sampled = self.model_runner.execute(sched, self._banned(sched), grammars) if not sched.is_empty else {}
         # Prompt positions computed this step (recomputation after preemption included).
         prompt_tokens = sum(max(0, min(q.num_computed_tokens + n, q.num_prompt_tokens) - q.num_computed_tokens)
                             for q, n in sched.scheduled)

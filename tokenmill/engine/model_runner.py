@@ -21,6 +21,7 @@ from tokenmill.model_cost import ModelCost
 from tokenmill.layers.attention import PagedAttention, set_attention_context
 from tokenmill.kernels.linear import assign_linear_kernels
 from tokenmill.layers.sampler import Sampler
+from tokenmill.structured.matcher import GrammarState, batch_bitmask
 from tokenmill.models.loader import load_model
 from tokenmill.outputs import Logprob
 
@@ -131,9 +132,11 @@ class ModelRunner:
                     * self.kv_cache.element_size() / 2**20)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, banned: dict[int, list[int]]) -> dict[int, SampledToken]:
+    def execute(self, sched: SchedulerOutput, banned: dict[int, list[int]],
+                grammars: Optional[dict[int, GrammarState]] = None) -> dict[int, SampledToken]:
         """Rank 0: run one step on every rank, then sample. Returns the sampled token of every
-        sequence that finished its prompt/chunk."""
+        sequence that finished its prompt/chunk. `banned` and `grammars` (by seq id) constrain
+        what each sequence may sample."""
         start_time = time.perf_counter()
         step = build_step(self.differ, sched.scheduled, sched.block_copies, get_parallel_state().pp_size)
         all_logits = self.executor.execute(step, self.run) if self.executor is not None else self.run(step)
@@ -153,7 +156,9 @@ class ModelRunner:
         out = self.sampler(logits, [s.params for s in seqs],
                            [s.token_ids[:s.num_prompt_tokens] for s in seqs] if history else None,
                            [s.output_token_ids for s in seqs] if history else None, [s.generator for s in seqs],
-                           [banned.get(s.seq_id, []) for s in seqs], self.generator)
+                           [banned.get(s.seq_id, []) for s in seqs], self.generator,
+                           batch_bitmask([grammars.get(s.seq_id) for s in seqs], self.vocab_size)
+                           if grammars else None)
         result = {}
         for j, seq in enumerate(seqs):
             top = None

@@ -39,6 +39,8 @@ class RequestValidator:
             raise InvalidRequest(f"prompt token ids must lie in [0, {self.vocab_size})", prompt_param)
         if any(t >= self.vocab_size for t in params.stop_token_ids):
             raise InvalidRequest(f"stop_token_ids must lie in [0, {self.vocab_size})", "stop_token_ids")
+        if params.logit_bias and any(t >= self.vocab_size for t in params.logit_bias):
+            raise InvalidRequest(f"logit_bias token ids must lie in [0, {self.vocab_size})", "logit_bias")
         room = self.room(ids)
         if room < 1:
             raise InvalidRequest(f"the prompt has {len(ids)} tokens; this model's maximum context length "

@@ -131,6 +131,9 @@ class Scheduler:
                 continue  # a prompt chunk; nothing sampled yet
             tok = sampled[seq.seq_id]
             seq.append_token(tok.token_id, tok.logprob, tok.top_logprobs)
+            if seq.grammar is not None and not seq.grammar.accept(tok.token_id):
+                self._finish(seq, "abort")
+                continue
             self._check_stop(seq, tok.token_id)
         finished, self._finished = self._finished, []
         if finished:
@@ -144,6 +147,8 @@ class Scheduler:
         stop_str = seq.detokenizer.append(token_id, enough) if seq.detokenizer is not None else None
         if stop_str is not None:
             self._finish(seq, "stop", stop_str)
+        elif seq.grammar is not None and seq.grammar.is_terminated:
+            self._finish(seq, "stop")  # the grammar is complete (its EOS, if any, accepted)
         elif not p.ignore_eos and token_id in self.eos_token_ids and enough:
             self._finish(seq, "stop")
         elif token_id in p.stop_token_ids and enough:

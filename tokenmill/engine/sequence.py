@@ -8,13 +8,17 @@ from __future__ import annotations
 import enum
 import itertools
 import time
-from typing import Optional
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
 from tokenmill.outputs import Logprob, LogprobsList, RequestMetrics
 from tokenmill.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tokenmill.structured.matcher import GrammarState
 
 _seq_counter = itertools.count()
 
@@ -53,6 +57,7 @@ class Sequence:
         self.finish_reason: Optional[str] = None
         self.stop_reason: Optional[int | str] = None
         self.detokenizer: Optional[IncrementalDetokenizer] = None
+        self.grammar: Optional[GrammarState] = None  # set when structured_outputs constrain it
         self.num_preemptions = 0
         # What earlier DELTA outputs carried: output tokens and characters of text.
         self.sent_tokens = 0
@@ -95,6 +100,7 @@ class Request:
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.metrics = RequestMetrics(arrival_time=time.time())
+        self.grammar_future: Optional[Future] = None  # the compiled grammar, while it compiles
         # prompt_logprobs[i] describes prompt token i; the first has no context, hence None.
         self.prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = (
             [None] if params.prompt_logprobs is not None else None)

@@ -1,6 +1,7 @@
 """From logits to next tokens, one row per sequence, each with its own sampling parameters.
 
-Order (vLLM's): min_tokens masking and penalties on the logits; greedy rows take the argmax;
+Order (vLLM's): logit_bias, min_tokens masking, the grammar mask of constrained rows (one call
+for the whole batch) and penalties on the logits; greedy rows take the argmax;
 the others are divided by temperature, filtered by min_p, top_k and top_p, and sampled. The
 returned logprobs are those of the raw model output, before any of the processing above.
 Sampling uses the exponential-race trick (argmax of p / q with q ~ Exp(1)), which draws from p
@@ -14,6 +15,7 @@ from typing import Optional
 import torch
 
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.structured.matcher import apply_bitmask
 
 
 @dataclass
@@ -69,19 +71,27 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
 class Sampler:
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], prompt_ids: Optional[list[list[int]]],
                  output_ids: Optional[list[list[int]]], generators: list[Optional[torch.Generator]],
-                 banned: list[list[int]], global_generator: torch.Generator) -> SamplerOutput:
+                 banned: list[list[int]], global_generator: torch.Generator,
+                 bitmask: Optional[tuple[torch.Tensor, list[int]]] = None) -> SamplerOutput:
         """Args:
             logits: [S, V] for the S sequences that sample this step.
             banned: per row, token ids masked out (EOS / stop tokens before min_tokens).
             prompt_ids, output_ids: per row, the token history; needed (and built by the caller)
                 only when some row has a penalty, so a plain step copies no history.
             generators: per row, the request's own generator, or None for the engine's.
+            bitmask: the grammar's allowed tokens for the constrained rows (structured/matcher.py).
         """
         logits = logits.float()
         raw_logprobs = logits.log_softmax(-1)
+        for i, p in enumerate(params):
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+                logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
         for i, ids in enumerate(banned):
             if ids:
                 logits[i, ids] = float("-inf")
+        if bitmask is not None:
+            apply_bitmask(logits, bitmask)
         if any(p.needs_penalties for p in params):
             logits = apply_penalties(logits, prompt_ids, output_ids, params)
         tokens = logits.argmax(-1)
