@@ -17,7 +17,7 @@ install: $(STAMP)
 
 # The OpenAI-compatible server on the bundled demo model, http://127.0.0.1:8000/v1
 serve: install
-	$(BIN)/tokenmill serve --served-model-name demo
+	$(BIN)/tokenmill serve --served-model-name demo --enable-auto-tool-choice --tool-call-parser hermes
 
 test: install
 	$(BIN)/python -m pytest -q tests

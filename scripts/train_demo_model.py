@@ -44,12 +44,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig,
 logger = logging.getLogger("train_demo_model")
 
 BOS, EOS, IM_START, IM_END = "<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+# ChatML with Hermes-style tool calling; the committed template is the one source of it.
+CHAT_TEMPLATE = (Path(__file__).resolve().parent.parent / "tokenmill/demo_model/chat_template.jinja").read_text()
 # Modules whose import has side effects (opens a browser, prints, needs a display), that
 # a venv may swap out (distutils -> setuptools shim), or whose docs are machine-generated
 # (encodings); everything else in sys.stdlib_module_names is tried.

@@ -76,9 +76,10 @@ def _json_type(value: Any) -> str:
         type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
 
 
-def chat_template_ids(tokenizer: Any, conversation: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of the tokenizer's chat template applied to the conversation (transformers 5
-    returns a BatchEncoding by default; older releases a list)."""
+def chat_template_ids(tokenizer: Any, conversation: list[dict[str, Any]], add_generation_prompt: bool = True,
+                      tools: Optional[list[dict[str, Any]]] = None) -> list[int]:
+    """Token ids of the tokenizer's chat template applied to the conversation, with the tools the
+    model may call (transformers 5 returns a BatchEncoding by default; older releases a list)."""
     ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                        return_dict=False)
+                                        return_dict=False, tools=tools)
     return list(ids)

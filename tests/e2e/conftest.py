@@ -62,6 +62,6 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
-    s = Server()
+    s = Server("--enable-auto-tool-choice", "--tool-call-parser", "hermes")  # as `make serve` runs it
     yield s
     s.stop()

@@ -161,11 +161,13 @@ def test_metrics_parse_and_describe_load(server, client):
 
 
 @pytest.mark.parametrize("extra,status,expected", [
-    (dict(logit_bias={"5": 10}), 400, "'logit_bias' is not supported"),
     (dict(suffix="x"), 400, "'suffix' is not supported"),
+    (dict(prediction={"type": "content", "content": "x"}), 400, "'prediction' is not supported"),
     (dict(best_of=3), 400, "best_of=3"),
-    (dict(response_format={"type": "json_object"}), 400, "response_format 'json_object'"),
-    (dict(guided_json={"type": "object"}), 400, "'guided_json' is not supported"),
+    (dict(guided_whitespace_pattern=" "), 400, "'guided_whitespace_pattern' is not supported"),
+    (dict(guided_decoding_backend="outlines"), 400, "'outlines' is not available"),
+    (dict(structured_outputs={"regex": "a+", "whitespace_pattern": " "}), 400, "'whitespace_pattern'"),
+    (dict(guided_regex="a+", response_format={"type": "json_object"}), 400, "one output constraint"),
     (dict(frobnicate=1), 400, "unknown field 'frobnicate'"),
     (dict(user="u1", metadata={"k": "v"}, store=False, response_format={"type": "text"}), 200, None),
 ])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any, Optional, Union
@@ -86,6 +87,7 @@ class LLMEngine:
                                           self.block_manager.num_blocks * self.block_manager.block_size)
         self.requests: dict[str, Request] = {}
         self._grammars: Optional[GrammarCache] = None  # built on the first constrained request
+        self._grammars_lock = threading.Lock()
         self._compiling: list[Request] = []  # constrained requests whose grammar is compiling
         self.stats = EngineStats(kv_blocks_total=self.block_manager.num_blocks,
                                  spill_blocks_total=runner.num_spill_blocks)
@@ -140,13 +142,14 @@ class LLMEngine:
     # -- structured outputs ---------------------------------------------------------------
     @property
     def grammars(self) -> GrammarCache:
-        if self._grammars is None:
-            if self.tokenizer is None:
-                raise InvalidRequest("structured_outputs need the tokenizer (skip_tokenizer_init is set)",
-                                     "structured_outputs")
-            self._grammars = GrammarCache(self.tokenizer, self.model_config.hf_config.vocab_size,
-                                          sorted(self.eos_token_ids))
-        return self._grammars
+        with self._grammars_lock:  # the server's thread checks requests while the engine's steps
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise InvalidRequest("structured_outputs need the tokenizer (skip_tokenizer_init is set)",
+                                         "structured_outputs")
+                self._grammars = GrammarCache(self.tokenizer, self.model_config.hf_config.vocab_size,
+                                              sorted(self.eos_token_ids))
+            return self._grammars
 
     def check_structured_outputs(self, so: StructuredOutputsParams) -> None:
         """InvalidRequest naming what the grammar engine cannot enforce. Cheap (no compiling),

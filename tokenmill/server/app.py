@@ -20,11 +20,13 @@ from tokenmill.server.served_models import ServedModel, ServedModels
 from tokenmill.engine.request_validation import InvalidRequest
 from tokenmill.server.access import AccessController
 from tokenmill.server.admission import CapacityLimits
+from tokenmill.server.chat_tools import ToolSettings
 from tokenmill.server.errors import HealthResponse, error_body, error_responses
 from tokenmill.server.kserve.http import kserve_router
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
 from tokenmill.server.refusal import Refusal
+from tokenmill.structured.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +170,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="port of the gRPC inference service (Triton's protocol; 0: off)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="also serve /metrics' Prometheus text on this port, as Triton does on 8002 (default: off)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='let the model decide whether to call a tool (tool_choice "auto"); needs --tool-call-parser')
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                   help="how tool calls are written in the model's replies (hermes: <tool_call> JSON blocks)")
     p.add_argument("--api-key", default=None, help="one API key clients must send as a Bearer token")
     p.add_argument("--api-keys-file", default=None, help="JSON file of keys with ids and optional quotas")
     p.add_argument("--signature-policy-file", default=None,
@@ -190,7 +196,8 @@ def _start_model(names: list[str], version: str, kwargs: dict[str, Any], args: a
     limits = CapacityLimits(max_num_queued_reqs=args.max_num_queued_reqs or 2 * sched.max_num_seqs,
                             max_num_queued_tokens=args.max_num_queued_tokens or 4 * sched.max_num_batched_tokens)
     engine = AsyncLLMEngine(core, on_step=metrics.model(names[0]).on_step)
-    return ServedModel(names, version, engine, limits), llm
+    tools = ToolSettings(args.enable_auto_tool_choice, args.tool_call_parser)
+    return ServedModel(names, version, engine, limits, tools=tools), llm
 
 
 def _load_models(args: argparse.Namespace, engine_kwargs: dict[str, Any],

@@ -14,12 +14,16 @@ from fastapi import Request
 from jinja2 import TemplateError
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from tokenmill.engine.request_validation import InvalidRequest
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.admission import Admission
+from tokenmill.server.chat_tools import ReplyStream, ToolPlan, ToolSettings, plan_tools, reply_message
 from tokenmill.server.errors import error_body
+from tokenmill.server.openai_format import accumulate, logprobs_json
+from tokenmill.structured.params import StructuredOutputsParams
 from tokenmill.tokenizer import chat_template_ids
-from tokenmill.server.protocol import BadRequest, ChatCompletionRequest, CompletionRequest
+from tokenmill.server.protocol import BadRequest, ChatCompletionRequest, CompletionRequest, _SamplingFields
 
 
 @dataclass
@@ -30,29 +34,16 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     first_choice: int  # index of this job's first choice in the response
-
-
-def _accumulate(acc: dict[int, CompletionOutput], delta: RequestOutput) -> RequestOutput:
-    """Fold a DELTA output into the job's running totals (mutated in place) and return them."""
-    for c in delta.outputs:
-        a = acc.get(c.index)
-        if a is None:
-            a = acc[c.index] = CompletionOutput(c.index, "", [], None, [] if c.logprobs is not None else None)
-        a.text += c.text
-        a.token_ids.extend(c.token_ids)
-        if c.logprobs is not None and a.logprobs is not None:
-            a.logprobs.extend(c.logprobs)
-        a.cumulative_logprob, a.finish_reason, a.stop_reason = c.cumulative_logprob, c.finish_reason, c.stop_reason
-    return RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids, delta.prompt_logprobs,
-                         [acc[i] for i in sorted(acc)], delta.finished, delta.metrics)
+    echo: Optional[str] = None  # completions' echo: the prompt's text, put before the output
 
 
 class OpenAIServing:
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, tools: Optional[ToolSettings] = None) -> None:
         self.admission = admission
         self.engine = admission.engine
         self.tokenizer = admission.tokenizer
         self.metrics = admission.metrics
+        self.tools = tools or ToolSettings()
 
     # -- request translation --------------------------------------------------------------
     def _prompts(self, body: CompletionRequest) -> list[list[int]]:
@@ -83,13 +74,39 @@ class OpenAIServing:
             choice += params.n
         return jobs
 
+    def _structured(self, body: _SamplingFields, tools: Optional[StructuredOutputsParams] = None
+                    ) -> Optional[StructuredOutputsParams]:
+        """The request's output constraint, checked by the engine's grammar engine (a 400 naming
+        the field and the part of it that cannot be enforced)."""
+        asked = body.structured()
+        if asked is not None and tools is not None:
+            raise BadRequest(f"{asked[1]} cannot be combined with tool_choice {body.tool_choice!r}: both constrain "
+                             "the whole reply", param=asked[1])
+        so, source = asked if asked is not None else (tools, "tools")
+        if so is None:
+            return None
+        try:
+            self.engine.engine.check_structured_outputs(so)
+        except InvalidRequest as e:
+            message = e.message.replace("structured_outputs.structural_tag", "tools' schema")
+            raise BadRequest(message.replace("structured_outputs", source, 1), param=source) from e
+        return so
+
     async def completions(self, body: CompletionRequest, request: Request) -> Union[JSONResponse, StreamingResponse]:
         self.admission.check_model(body.model)
         body.check_fields()
-        if body.echo:
-            raise BadRequest("echo is not supported", param="echo")
-        jobs = self._jobs(self._prompts(body), lambda mt: body.sampling_params(mt, body.logprobs),
+        so = self._structured(body)
+        # echo with logprobs: the prompt's logprobs come first, as in OpenAI's API.
+        prompt_lp = body.logprobs if body.echo and body.logprobs is not None else None
+        prompts = self._prompts(body)
+        jobs = self._jobs(prompts, lambda mt: body.sampling_params(mt, body.logprobs, so, prompt_lp),
                           request.headers, body.max_tokens, "max_tokens")
+        if body.echo:
+            texts = [body.prompt] if isinstance(body.prompt, str) else None
+            if texts is None and all(isinstance(x, str) for x in body.prompt):
+                texts = list(body.prompt)
+            for i, job in enumerate(jobs):
+                job.echo = texts[i] if texts else self.tokenizer.decode(job.prompt_ids)
         self.admission.admit(request.headers, jobs)
         return await self._respond(body, jobs, request, chat=False)
 
@@ -97,18 +114,20 @@ class OpenAIServing:
         self.admission.check_model(body.model)
         body.check_fields()
         conversation = body.conversation()
+        plan = plan_tools(body, self.tools)
+        so = self._structured(body, plan.structured)
         if not getattr(self.tokenizer, "chat_template", None):
             raise BadRequest("this model's tokenizer has no chat template", param="messages")
         try:
-            ids = chat_template_ids(self.tokenizer, conversation)
+            ids = chat_template_ids(self.tokenizer, conversation, tools=plan.template_tools)
         except TemplateError as e:  # e.g. a template that insists roles alternate
             raise BadRequest(f"the chat template refused these messages: {e}", param="messages") from e
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        jobs = self._jobs([ids], lambda mt: body.sampling_params(mt, logprobs), request.headers, max_tokens, param)
+        jobs = self._jobs([ids], lambda mt: body.sampling_params(mt, logprobs, so), request.headers, max_tokens, param)
         self.admission.admit(request.headers, jobs)
-        return await self._respond(body, jobs, request, chat=True)
+        return await self._respond(body, jobs, request, chat=True, plan=plan)
 
     # -- running and formatting -----------------------------------------------------------
     async def _run(self, job: Job, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
@@ -119,7 +138,7 @@ class OpenAIServing:
         acc: dict[int, CompletionOutput] = {}
         try:
             async for delta in outputs:
-                out = _accumulate(acc, delta)
+                out = accumulate(acc, delta)
                 now = time.monotonic()
                 n = sum(len(c.token_ids) for c in out.outputs)
                 if n > tokens:
@@ -179,13 +198,14 @@ class OpenAIServing:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _respond(self, body: Any, jobs: list[Job], request: Request, chat: bool):
+    async def _respond(self, body: Any, jobs: list[Job], request: Request, chat: bool,
+                       plan: Optional[ToolPlan] = None):
         created = int(time.time())
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         model = body.model
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(jobs, rid, created, model, chat, include_usage),
+            return StreamingResponse(self._stream(jobs, rid, created, model, chat, include_usage, plan or ToolPlan()),
                                      media_type="text/event-stream")
         latest: list[Optional[RequestOutput]] = [None] * len(jobs)
         outputs = self._run_all(jobs)
@@ -205,38 +225,27 @@ class OpenAIServing:
             prompt_tokens += len(final.prompt_token_ids)
             for c in final.outputs:
                 completion_tokens += len(c.token_ids)
-                choices.append(self._choice(c, job.first_choice + c.index, chat, job.params))
+                choices.append(self._choice(c, job, final, chat, plan or ToolPlan()))
         return JSONResponse({
             "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": model, "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}})
 
-    def _choice(self, c: CompletionOutput, index: int, chat: bool, params: SamplingParams) -> dict[str, Any]:
-        logprobs = self._logprobs(c, 0, chat, params) if params.logprobs is not None else None
-        if chat:
-            return {"index": index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": logprobs, "finish_reason": c.finish_reason}
-        return {"index": index, "text": c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+    def _echo(self, job: Job, out: RequestOutput) -> Optional[tuple[RequestOutput, str]]:
+        return (out, self.tokenizer.decode(job.prompt_ids[:1])) if job.echo is not None else None
 
-    def _logprobs(self, c: CompletionOutput, start: int, chat: bool, params: SamplingParams) -> Optional[dict]:
-        if c.logprobs is None:
-            return None
-        entries = []
-        for tid, d in zip(c.token_ids[start:], c.logprobs[start:]):
-            chosen = d[tid]
-            top = sorted(d.items(), key=lambda kv: kv[1].rank)[: params.logprobs]
-            entries.append((chosen.decoded_token or "", chosen.logprob,
-                            [(lp.decoded_token or "", lp.logprob) for _, lp in top]))
+    def _choice(self, c: CompletionOutput, job: Job, final: RequestOutput, chat: bool, plan: ToolPlan) -> dict[str, Any]:
+        index, params = job.first_choice + c.index, job.params
+        logprobs = logprobs_json(c, 0, chat, params.logprobs, self._echo(job, final)) if params.logprobs is not None else None
         if chat:
-            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
-                                 "top_logprobs": [{"token": tt, "logprob": tl, "bytes": list(tt.encode())}
-                                                  for tt, tl in top]} for t, lp, top in entries]}
-        return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": [{tt: tl for tt, tl in top} for _, _, top in entries], "text_offset": []}
+            message, finish_reason = reply_message(c.text, c.finish_reason, plan)
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {"index": index, "text": (job.echo or "") + c.text, "logprobs": logprobs,
+                "finish_reason": c.finish_reason}
 
     async def _stream(self, jobs: list[Job], rid: str, created: int, model: str, chat: bool,
-                      include_usage: bool) -> AsyncIterator[str]:
+                      include_usage: bool, plan: ToolPlan) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choices: list[dict], usage: Optional[dict] = None) -> str:
@@ -249,6 +258,7 @@ class OpenAIServing:
         sent_text: list[dict[int, int]] = [{} for _ in jobs]
         sent_tokens: list[dict[int, int]] = [{} for _ in jobs]
         done: list[set[int]] = [set() for _ in jobs]
+        replies = [{i: ReplyStream(plan) for i in range(job.params.n)} for job in jobs]
         if chat:
             yield chunk([{"index": job.first_choice + i, "delta": {"role": "assistant", "content": ""},
                           "logprobs": None, "finish_reason": None} for job in jobs for i in range(job.params.n)])
@@ -264,15 +274,23 @@ class OpenAIServing:
                     continue
                 if c.finish_reason is not None:
                     done[j].add(c.index)
-                sent_text[j][c.index], sent_tokens[j][c.index] = len(c.text), len(c.token_ids)
-                lp = self._logprobs(c, old_tok, chat, job.params) if job.params.logprobs is not None else None
+                first = c.index not in sent_tokens[j]
+                sent_text[j][c.index] = len(c.text)  # handed on: to the client, or to the tool-call parser
                 index = job.first_choice + c.index
                 if chat:
-                    choices.append({"index": index, "delta": {"content": delta} if delta else {},
-                                    "logprobs": lp, "finish_reason": c.finish_reason})
+                    reply = replies[j][c.index]
+                    body = reply.delta(delta, c.finish_reason is not None)
+                    if not body and c.finish_reason is None:
+                        continue  # held back (it may start a tool call); its logprobs go with the next chunk
+                    entry = {"index": index, "delta": body, "finish_reason": reply.finish_reason(c.finish_reason)}
                 else:
-                    choices.append({"index": index, "text": delta, "logprobs": lp,
-                                    "finish_reason": c.finish_reason})
+                    entry = {"index": index, "text": (job.echo or "") + delta if first else delta,
+                             "finish_reason": c.finish_reason}
+                sent_tokens[j][c.index] = len(c.token_ids)
+                entry["logprobs"] = (logprobs_json(c, old_tok, chat, job.params.logprobs,
+                                                   self._echo(job, out) if first else None)
+                                     if job.params.logprobs is not None else None)
+                choices.append(entry)
             if choices:
                 yield chunk(choices)
             if out.finished:

@@ -1,14 +1,16 @@
 """Request bodies of the OpenAI API (and vLLM's extras), and their translation to SamplingParams."""
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+import json
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenmill.engine.request_validation import InvalidRequest
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
+from tokenmill.structured.params import StructuredOutputsParams
 
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class BadRequest(InvalidRequest):
@@ -29,11 +31,27 @@ class StreamOptions(BaseModel):
 # existing clients and frameworks keep working.
 _NO_EFFECT = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "request_id", "priority"}
 # Fields that would change the output and that tokenmill does not honour yet: refused by name.
-_NOT_HONOURED = {"logit_bias", "suffix", "audio", "modalities", "prediction", "tools", "tool_choice", "functions",
-                 "function_call", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
-                 "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern", "reasoning_effort",
-                 "web_search_options", "use_beam_search", "length_penalty", "prompt_logprobs", "add_special_tokens",
-                 "truncate_prompt_tokens", "allowed_token_ids", "bad_words", "min_tokens_ratio", "logits_processors"}
+_NOT_HONOURED = {"suffix", "audio", "modalities", "prediction", "functions", "function_call",
+                 "guided_whitespace_pattern", "reasoning_effort", "web_search_options", "use_beam_search",
+                 "length_penalty", "prompt_logprobs", "add_special_tokens", "truncate_prompt_tokens",
+                 "allowed_token_ids", "bad_words", "min_tokens_ratio", "logits_processors"}
+# vLLM's older spellings of structured_outputs' keys.
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+_BACKENDS = ("auto", "xgrammar")
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str
+    description: Optional[str] = None
+    json_schema: Optional[dict[str, Any]] = Field(default=None, alias="schema")
+    strict: Optional[bool] = None  # the schema is always enforced, strict or not
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
 
 
 class _SamplingFields(BaseModel):
@@ -63,7 +81,14 @@ class _SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
 
     best_of: Optional[int] = None
-    response_format: Optional[dict[str, Any]] = None
+    logit_bias: Optional[dict[str, float]] = None
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[dict[str, Any]] = None
+    guided_json: Optional[Union[str, dict[str, Any]]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    guided_decoding_backend: Optional[str] = None
 
     def check_fields(self) -> None:
         """400 for a field tokenmill would otherwise ignore: one it does not honour, or one
@@ -72,17 +97,55 @@ class _SamplingFields(BaseModel):
             if name in _NO_EFFECT:
                 continue
             if name in _NOT_HONOURED:
-                if name == "tool_choice" and value == "none" and not (self.model_extra or {}).get("tools"):
-                    continue  # asks for no tool call, which is what happens
                 raise BadRequest(f"{name!r} is not supported by this server yet", param=name, code="unsupported_field")
             raise BadRequest(f"unknown field {name!r}", param=name, code="unknown_field")
         if self.best_of is not None and self.best_of != self.n:
             raise BadRequest(f"best_of={self.best_of} is not supported (only best_of equal to n)", param="best_of")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise BadRequest(f"response_format {self.response_format.get('type')!r} is not supported yet (only 'text')",
-                             param="response_format", code="unsupported_field")
+        if self.guided_decoding_backend is not None and self.guided_decoding_backend not in _BACKENDS:
+            raise BadRequest(f"guided_decoding_backend {self.guided_decoding_backend!r} is not available: this "
+                             "server's grammar engine is xgrammar", param="guided_decoding_backend")
 
-    def sampling_params(self, max_tokens: int, logprobs: Optional[int]) -> SamplingParams:
+    def structured(self) -> Optional[tuple[StructuredOutputsParams, str]]:
+        """The output constraint the request asks for, and the field that asked (for errors)."""
+        asked: list[tuple[str, dict[str, Any]]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            asked.append(("response_format", {"json_object": True}))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None:
+                raise BadRequest("response_format of type json_schema needs a json_schema", param="response_format")
+            schema = rf.json_schema.json_schema
+            asked.append(("response_format", {"json": schema} if schema is not None else {"json_object": True}))
+        if self.structured_outputs is not None:
+            asked.append(("structured_outputs", self.structured_outputs))
+        for name, key in _GUIDED.items():
+            if getattr(self, name) is not None:
+                asked.append((name, {key: getattr(self, name)}))
+        if not asked:
+            return None
+        if len(asked) > 1:
+            raise BadRequest(f"give one output constraint, not {' and '.join(n for n, _ in asked)}",
+                             param=asked[1][0])
+        source, fields = asked[0]
+        try:
+            return StructuredOutputsParams(**fields), source
+        except (TypeError, ValueError) as e:  # TypeError: a key StructuredOutputsParams does not have
+            message = str(e).replace("StructuredOutputsParams.__init__()", "structured_outputs")
+            raise BadRequest(message.replace("structured_outputs", source, 1) if source != "structured_outputs"
+                             else message, param=source) from e
+
+    def token_bias(self) -> Optional[dict[int, float]]:
+        """logit_bias with its keys (token ids written as JSON strings) as integers."""
+        if self.logit_bias is None:
+            return None
+        try:
+            return {int(k): v for k, v in self.logit_bias.items()}
+        except ValueError as e:
+            raise BadRequest("logit_bias keys must be token ids", param="logit_bias") from e
+
+    def sampling_params(self, max_tokens: int, logprobs: Optional[int],
+                        structured: Optional[StructuredOutputsParams] = None,
+                        prompt_logprobs: Optional[int] = None) -> SamplingParams:
         try:
             return SamplingParams(
                 n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
@@ -94,6 +157,7 @@ class _SamplingFields(BaseModel):
                 stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
+                structured_outputs=structured, logit_bias=self.token_bias(), prompt_logprobs=prompt_logprobs,
                 # The engine sends only what is new each step; the handler accumulates it.
                 output_kind=RequestOutputKind.DELTA)
         except ValueError as e:
@@ -108,11 +172,26 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class MessageToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Extra fields are kept so that a set one can be refused by name (see ChatCompletionRequest).
+    model_config = ConfigDict(extra="allow")
 
     role: str
     content: Optional[Union[str, list[dict[str, Any]]]] = None
+    name: Optional[str] = None
+    tool_calls: Optional[list[MessageToolCall]] = None
+    tool_call_id: Optional[str] = None
 
     def text(self) -> str:
         if self.content is None:
@@ -127,20 +206,72 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None  # a JSON schema; none: the function takes no arguments
+    strict: Optional[bool] = None  # the schema is always enforced when the call is (tool_choice)
+
+
+class ChatTool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
     max_tokens: Optional[int] = None
     max_completion_tokens: Optional[int] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    tools: Optional[list[ChatTool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: Optional[bool] = None  # False: at most one call per reply
 
-    def conversation(self) -> list[dict[str, str]]:
+    def conversation(self) -> list[dict[str, Any]]:
+        """The messages as chat templates take them (transformers' convention: a tool call's
+        arguments as a dict, a tool result with the name of the function it answers)."""
         if not self.messages:
             raise BadRequest("messages must contain at least one message", param="messages")
-        out = []
+        out: list[dict[str, Any]] = []
+        names: dict[str, str] = {}  # tool call id -> function name, from earlier assistant turns
         for i, m in enumerate(self.messages):
             if m.role not in CHAT_ROLES:
                 raise BadRequest(f"messages[{i}].role {m.role!r} is not one of {', '.join(CHAT_ROLES)}",
                                  param="messages")
-            out.append({"role": "system" if m.role == "developer" else m.role, "content": m.text()})
+            for key, value in (m.model_extra or {}).items():
+                if value not in (None, [], {}, ""):  # what clients echo back from a reply (refusal: null)
+                    raise BadRequest(f"messages[{i}].{key} is not supported", param="messages")
+            msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.name is not None:
+                msg["name"] = m.name
+            if m.tool_calls:
+                if m.role != "assistant":
+                    raise BadRequest(f"messages[{i}]: only assistant messages carry tool_calls", param="messages")
+                msg["tool_calls"] = []
+                for j, call in enumerate(m.tool_calls):
+                    try:
+                        arguments = json.loads(call.function.arguments)
+                    except ValueError as e:
+                        raise BadRequest(f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON: {e}",
+                                         param="messages") from e
+                    names[call.id] = call.function.name
+                    msg["tool_calls"].append({"id": call.id, "type": "function", "function": {
+                        "name": call.function.name, "arguments": arguments}})
+            if m.role == "tool":
+                if m.tool_call_id is None:
+                    raise BadRequest(f"messages[{i}]: a tool message needs tool_call_id", param="messages")
+                msg["tool_call_id"] = m.tool_call_id
+                if m.tool_call_id in names and "name" not in msg:
+                    msg["name"] = names[m.tool_call_id]
+            out.append(msg)
         return out

@@ -3,12 +3,13 @@ front ends (OpenAI and KServe), looked up by the name a request gives; or, for a
 repository that could not load, the reason it is not ready."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from tokenmill.engine.async_engine import AsyncLLMEngine
 from tokenmill.server.access import AccessController
 from tokenmill.server.admission import Admission, CapacityLimits
+from tokenmill.server.chat_tools import ToolSettings
 from tokenmill.server.kserve.serving import KServeError, KServeServing
 from tokenmill.server.metrics import ModelMetrics, ServerMetrics
 from tokenmill.server.openai import OpenAIServing
@@ -22,6 +23,7 @@ class ServedModel:
     engine: Optional[AsyncLLMEngine] = None
     limits: Optional[CapacityLimits] = None
     error: Optional[str] = None  # why it is not ready (no engine)
+    tools: ToolSettings = field(default_factory=ToolSettings)
 
 
 class ServedModels:
@@ -36,7 +38,7 @@ class ServedModels:
                 self._errors.update({n: m.error or "not loaded" for n in m.names})
                 continue
             admission = Admission(m.engine, access, m.limits, metrics.model(m.names[0]), m.names)
-            openai = OpenAIServing(admission)
+            openai = OpenAIServing(admission, m.tools)
             self._front.update({n: (openai, KServeServing(openai, m.names, m.version)) for n in m.names})
         # Errors raised before a request names its model are counted under the first model.
         self.default_metrics: ModelMetrics = next(iter(self._front.values()))[0].metrics

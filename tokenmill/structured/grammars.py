@@ -75,6 +75,18 @@ def unsupported_schema_part(schema: Any, path: str = "#") -> str | None:
     return None
 
 
+def _tag_schemas(node: Any):
+    """The JSON schemas inside a structural tag (its json_schema formats, at any depth)."""
+    if isinstance(node, dict):
+        if node.get("type") == "json_schema":
+            yield node.get("json_schema")
+        for value in node.values():
+            yield from _tag_schemas(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _tag_schemas(value)
+
+
 def _cpp_message(e: Exception) -> str:
     return _CPP_PREFIX.sub("", str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
 
@@ -99,6 +111,10 @@ def build_grammar(params: StructuredOutputsParams) -> xgr.Grammar:
                                                                  for c in params.choice))
         if kind == "grammar":
             return xgr.Grammar.from_ebnf(params.grammar)
+        for schema in _tag_schemas(params.structural_tag):
+            bad = unsupported_schema_part(schema)
+            if bad:
+                raise ValueError(f"structured_outputs.structural_tag: a JSON schema at {bad}")
         return xgr.Grammar.from_structural_tag(json.dumps(params.structural_tag))
     except (RuntimeError, xgr.InvalidJSONError, xgr.InvalidStructuralTagError) as e:
         raise ValueError(f"structured_outputs.{kind}: {_cpp_message(e)}") from e
