@@ -1,7 +1,8 @@
 """The docs cannot drift from the code: every block fenced as ```bash runnable``` or
 ```python runnable``` in README.md and docs/*.md runs here, on the demo model, and must succeed.
 
-Blocks marked `runnable-with-server` run while `tokenmill serve --served-model-name demo` is up;
+Blocks marked `runnable-with-server` run while `make serve`'s server is up (`tokenmill serve
+--served-model-name demo --enable-auto-tool-choice --tool-call-parser hermes`);
 it listens on free ports, so their `127.0.0.1:8000` and `127.0.0.1:8001` (HTTP and gRPC, the
 defaults `make serve` uses) are pointed at it. Blocks run in a scratch folder where `tokenmill/` and `data/` are the repository's, so the
 relative paths the docs use resolve and what the blocks write stays out of the checkout.
@@ -57,7 +58,7 @@ def _env() -> dict[str, str]:
 def server(scratch):
     from tests.e2e.conftest import Server
 
-    s = Server(cwd=str(scratch), env=_env())
+    s = Server("--enable-auto-tool-choice", "--tool-call-parser", "hermes", cwd=str(scratch), env=_env())
     yield s.port, s.grpc_port
     s.stop()
 

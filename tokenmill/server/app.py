@@ -24,7 +24,7 @@ from tokenmill.server.chat_tools import ToolSettings
 from tokenmill.server.errors import HealthResponse, error_body, error_responses
 from tokenmill.server.kserve.http import kserve_router
 from tokenmill.server.metrics import ServerMetrics
-from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest
+from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, request_fields
 from tokenmill.server.refusal import Refusal
 from tokenmill.structured.tool_parsers import TOOL_PARSERS
 
@@ -118,9 +118,11 @@ def build_app(served: list[ServedModel], access: AccessController, server_metric
     @app.get("/v1/models", responses=_MODELS_ERRORS)
     async def list_models(request: Request) -> JSONResponse:
         access.keys.authenticate(request.headers.get("authorization"))
+        fields = request_fields()
         return JSONResponse({"object": "list", "data": [
             {"id": name, "object": "model", "created": created, "owned_by": "tokenmill",
-             "max_model_len": registry.openai(name).admission.max_model_len} for name in registry.ready_names]})
+             "max_model_len": registry.openai(name).admission.max_model_len, "request_fields": fields}
+            for name in registry.ready_names]})
 
     @app.post("/v1/completions", responses=_GENERATE_ERRORS)
     async def completions(body: CompletionRequest, request: Request):

@@ -275,3 +275,16 @@ class ChatCompletionRequest(_SamplingFields):
                     msg["name"] = names[m.tool_call_id]
             out.append(msg)
         return out
+
+
+def request_fields() -> dict[str, Any]:
+    """What each OpenAI route honours and accepts without effect, and what it refuses by name:
+    /v1/models lists it, from the same sets the request check uses."""
+    def route(model: type[BaseModel]) -> dict[str, list[str]]:
+        declared = {f.alias or name for name, f in model.model_fields.items()}
+        # `user` is declared (it is a string) but changes nothing; parallel_tool_calls changes chat.
+        no_effect = _NO_EFFECT - (declared - {"user"})
+        return {"honoured": sorted(declared - no_effect), "accepted_without_effect": sorted(no_effect)}
+
+    return {"completions": route(CompletionRequest), "chat.completions": route(ChatCompletionRequest),
+            "refused": sorted(_NOT_HONOURED)}
