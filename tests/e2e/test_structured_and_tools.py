@@ -197,3 +197,18 @@ def test_logit_bias_and_echo(client):
     assert streamed == echo.choices[0].text
     with pytest.raises(BadRequestError, match="logit_bias"):
         client.completions.create(model="demo", prompt="x", max_tokens=2, logit_bias={"99999999": 1})
+
+
+def test_models_list_the_fields_and_every_refused_one_is_a_400(server):
+    fields = httpx.get(f"{server.url}/v1/models").json()["data"][0]["request_fields"]
+    chat, completions = fields["chat.completions"], fields["completions"]
+    assert {"tools", "tool_choice", "parallel_tool_calls", "response_format", "logit_bias"} <= set(chat["honoured"])
+    assert {"echo", "structured_outputs", "guided_json"} <= set(completions["honoured"])
+    assert "parallel_tool_calls" in completions["accepted_without_effect"] and "user" in chat["accepted_without_effect"]
+    for name in fields["refused"]:
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2, name: 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == name, (name, r.text)
+    for name in completions["accepted_without_effect"]:
+        value = {"metadata": {"k": "v"}, "store": False, "parallel_tool_calls": True}.get(name, "x")
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2, name: value})
+        assert r.status_code == 200, (name, r.text)
