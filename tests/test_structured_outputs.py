@@ -83,6 +83,8 @@ def test_preempted_constrained_request_gives_the_same_output():
     (dict(json={"type": "object", "properties": {"n": {"type": "number", "multipleOf": 2}}}),
      "#/properties/n: 'multipleOf'"),
     (dict(json={"type": "string", "format": "credit-card"}), "format 'credit-card'"),
+    (dict(json={"type": "string", "format": "email", "maxLength": 20}), "together with 'format'"),
+    (dict(json={"type": "string", "pattern": "^a+$", "minLength": 2}), "together with 'pattern'"),
     (dict(json={"type": "wat"}), 'Unsupported type "wat"'),
     (dict(regex="(unclosed"), "parenthesis is not closed"),
     (dict(grammar="root ::= "), "EBNF parser error"),

@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         (bench, "latency", "latency", "batch-1 prefill and decode vs transformers, against the bandwidth bound"),
         (bench, "prefix", "prefix", "multi-turn chat: prefix cache off / on / under pressure / spill"),
         (bench, "parallel", "parallel", "tokens/s of tensor/pipeline-parallel layouts against one process"),
+        (bench, "structured", "structured", "structured outputs on the demo model: validity, constrained decode tok/s, TTFT"),
     ):
         mod = importlib.import_module(f"tokenmill.bench.{module}")
         cmd = group.add_parser(name, help=help_text)

@@ -202,8 +202,10 @@ class LLMEngine:
         """Schedule, run the model, apply results; outputs of every request that progressed."""
         self._admit_compiled()
         sched = self.scheduler.schedule()
-        if sched.is_empty and self._compiling:  # nothing to run but grammars: wait for one
+        if sched.is_empty and self._compiling:  # nothing to run but grammars: wait for one, run it now
             wait([r.grammar_future for r in self._compiling], timeout=0.05, return_when=FIRST_COMPLETED)
+            self._admit_compiled()
+            sched = self.scheduler.schedule()
         grammars = {s.seq_id: s.grammar for s, _ in sched.scheduled if s.grammar is not None}
         sampled = self.model_runner.execute(sched, self._banned(sched), grammars) if not sched.is_empty else {}
         # Prompt positions computed this step (recomputation after preemption included).

@@ -53,6 +53,9 @@ def unsupported_schema_part(schema: Any, path: str = "#") -> str | None:
         return f"{path}: 'unevaluatedItems' is not supported"
     if "multipleOf" in schema and schema.get("type") != "integer":
         return f"{path}: 'multipleOf' is only supported with type integer"
+    for kw in ("pattern", "format"):
+        if kw in schema and ("minLength" in schema or "maxLength" in schema):
+            return f"{path}: minLength/maxLength together with {kw!r} is not supported (put the length in the pattern)"
     fmt = schema.get("format")
     if fmt is not None and fmt not in _FORMATS:
         return f"{path}: format {fmt!r} is not supported (supported: {', '.join(sorted(_FORMATS))})"
