@@ -21,6 +21,13 @@ SCHEMA = {"type": "object", "properties": {
     "required": ["name", "age", "tags"]}
 
 
+def _nested(depth: int) -> dict:
+    schema: dict = {"type": "integer"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema, "maxItems": 1}
+    return schema
+
+
 @pytest.fixture(scope="module")
 def llm():
     return LLM(DEMO_MODEL)
@@ -87,6 +94,10 @@ def test_preempted_constrained_request_gives_the_same_output():
     (dict(json={"type": "string", "pattern": "^a+$", "minLength": 2}), "together with 'pattern'"),
     (dict(json={"type": "wat"}), 'Unsupported type "wat"'),
     (dict(regex="(unclosed"), "parenthesis is not closed"),
+    (dict(json={"oneOf": [{"type": "integer"}, {"type": "number"}]}), "'oneOf' is only supported with a discriminator"),
+    (dict(json={"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a", "b"]}),
+     "required property 'b' is not in 'properties'"),
+    (dict(json=_nested(70)), "nests deeper than 64 levels"),
     (dict(grammar="root ::= "), "EBNF parser error"),
 ])
 def test_a_constraint_the_engine_cannot_enforce_is_refused_by_name(llm, so, part):
@@ -122,10 +133,10 @@ def test_a_slow_grammar_compiles_off_the_engine_thread(llm, monkeypatch):
     release, compiling = threading.Event(), threading.Event()
     real = grammars.GrammarCache._compile
 
-    def slow(self, params):
+    def slow(self, params, grammar=None):
         compiling.set()
         release.wait(30)
-        return real(self, params)
+        return real(self, params, grammar)
 
     monkeypatch.setattr(grammars.GrammarCache, "_compile", slow)
     so = StructuredOutputsParams(json={"type": "object", "properties": {"slow": {"type": "boolean"}},
@@ -144,3 +155,34 @@ def test_a_slow_grammar_compiles_off_the_engine_thread(llm, monkeypatch):
     before = engine.grammars.hits
     engine.grammars.submit(so).result()
     assert engine.grammars.hits == before + 1  # compiled once per distinct grammar
+
+
+def test_a_grammar_that_fails_finishes_with_an_error_and_nothing_hangs(llm, monkeypatch):
+    engine = llm.llm_engine
+    nothing = SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(regex=r"[^\s\S]"))
+    out = llm.generate(["x"], nothing, use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "error" and "matches no output" in out.stop_reason and out.token_ids == []
+
+    def broken(self, params, grammar=None):
+        raise RuntimeError("compiler exploded")
+
+    monkeypatch.setattr(grammars.GrammarCache, "_compile", broken)
+    engine.add_request("y", SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(
+        regex="q{3}")), "broken")
+    outs = []
+    while engine.has_unfinished_requests():  # the failed request is reported, then nothing is left
+        outs += engine.step()
+    assert [(o.request_id, o.outputs[0].finish_reason) for o in outs] == [("broken", "error")]
+    assert "compiler exploded" in outs[0].outputs[0].stop_reason
+    assert engine.block_manager.num_used_blocks == 0 and not engine.requests
+
+
+def test_property_order_is_the_schema_s_own(llm):
+    # The cache key keeps key order: two schemas differing only in it are two grammars.
+    a = {"type": "object", "properties": {"omega": {"type": "integer", "minimum": 0, "maximum": 9},
+                                          "beta": {"type": "integer", "minimum": 0, "maximum": 9}},
+         "required": ["omega", "beta"]}
+    b = {"type": "object", "properties": dict(reversed(list(a["properties"].items()))), "required": ["beta", "omega"]}
+    outs = _gen(llm, ["Order:"] * 2, [SamplingParams(temperature=0, max_tokens=40,
+                                                     structured_outputs=StructuredOutputsParams(json=s)) for s in (a, b)])
+    assert [list(json.loads(o.text)) for o in outs] == [["omega", "beta"], ["beta", "omega"]]

@@ -26,7 +26,8 @@ class CompletionOutput:
     cumulative_logprob: Optional[float]
     logprobs: Optional[LogprobsList]
     finish_reason: Optional[str] = None  # "stop", "length", "abort" or None while running
-    stop_reason: Optional[int | str] = None  # the stop string or stop token id that ended it
+    # The stop string or stop token id that ended it; with finish_reason "error", what went wrong.
+    stop_reason: Optional[int | str] = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None

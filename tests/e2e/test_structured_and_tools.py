@@ -86,10 +86,18 @@ def test_every_vllm_field(client, field, value, check):
       "tool_choice": "required"}, "'multipleOf'"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'nope'"),
     ({"tool_choice": "required"}, "tool_choice needs tools"),
+    ({"guided_regex": "[^\\s\\S]"}, "guided_regex: the grammar matches no output"),
+    ({"structured_outputs": {"structural_tag": {"type": "nonsense"}}}, "structured_outputs.structural_tag"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+      "tool_choice": "required"}, "parameters must be a JSON schema of type object"),
+    ({"tools": [WEATHER], "tool_choice": "required", "stop": ["\n"]}, "stop cannot be combined"),
+    ({"messages": ASK + [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+        "name": "f", "arguments": '"oops"'}}]}]}, "arguments must be a JSON object"),
     ({"tools": [WEATHER], "tool_choice": "required", "guided_regex": "a"}, "cannot be combined"),
 ])
 def test_a_constraint_the_engine_cannot_honour_is_a_400_naming_it(server, extra, part):
-    r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "demo", "messages": ASK, "max_tokens": 4, **extra})
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "demo", "messages": ASK, "max_tokens": 4,
+                                                              **extra})
     assert r.status_code == 400, r.text
     assert part in r.json()["error"]["message"], r.json()
     assert httpx.get(f"{server.url}/health").status_code == 200

@@ -209,7 +209,8 @@ class AsyncLLMEngine:
         snap = LoadSnapshot(
             num_running=len({s.request.request_id for s in sched.running}),
             num_waiting=len({s.request.request_id for s in sched.waiting}) + self.engine.num_compiling,
-            waiting_tokens=sum(s.num_tokens - s.num_computed_tokens for s in sched.waiting),
+            waiting_tokens=sum(s.num_tokens - s.num_computed_tokens for s in sched.waiting)
+            + sum(s.num_tokens for r in self.engine.compiling for s in r.seqs),
             free_blocks=self.engine.block_manager.num_free_blocks)
         with self._lock:
             self.load = snap

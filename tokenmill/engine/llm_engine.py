@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any, Optional, Union
 
 from tokenmill.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, eos_token_ids
@@ -22,7 +22,7 @@ from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.tokenizer import load_tokenizer
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 from tokenmill.structured.grammars import GrammarCache
-from tokenmill.structured.matcher import GrammarState
+from tokenmill.structured.matcher import GrammarState, matches_nothing
 from tokenmill.structured.params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
@@ -116,8 +116,10 @@ class LLMEngine:
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         text, ids = self.tokenize(prompt)
         self.validator.check(ids, params)
+        grammar = None
         if params.structured_outputs is not None:
             self.check_structured_outputs(params.structured_outputs)
+            grammar = self.grammars.submit(params.structured_outputs)
         if request_id is None:
             request_id = str(self._next_id)
             self._next_id += 1
@@ -129,12 +131,12 @@ class LLMEngine:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
                                                          params.stop_strings, params.include_stop_str_in_output)
         self.requests[request_id] = req
-        if params.structured_outputs is None:
+        if grammar is None:
             for seq in req.seqs:
                 self.scheduler.add(seq)
         else:
             # Scheduled once its grammar is compiled (at once when an earlier request compiled it).
-            req.grammar_future = self.grammars.submit(params.structured_outputs)
+            req.grammar_future = grammar
             self._compiling.append(req)
             self._admit_compiled()
         return request_id
@@ -159,22 +161,36 @@ class LLMEngine:
         except ValueError as e:
             raise InvalidRequest(str(e), "structured_outputs") from e
 
+    @staticmethod
+    def grammar_problem(compiled: Future) -> Optional[str]:
+        """Why a compiled grammar (a done future) cannot constrain a request, or None."""
+        error = compiled.exception()
+        if error is not None:  # check() passed, so this is the grammar engine failing
+            return f"structured_outputs: compiling the grammar failed: {error}"
+        if matches_nothing(compiled.result()):
+            return "structured_outputs: the grammar matches no output at all"
+        return None
+
     def _admit_compiled(self) -> None:
         """Hand the requests whose grammar is ready to the scheduler, a matcher per sequence."""
         for req in [r for r in self._compiling if r.grammar_future.done()]:
             self._compiling.remove(req)
-            error = req.grammar_future.exception()
-            if error is not None:  # check() passed, so this is the grammar engine failing
-                logger.error("request %s: compiling its grammar failed: %s", req.request_id, error)
-                self.scheduler.abort(req.seqs)
+            problem = self.grammar_problem(req.grammar_future)
+            if problem:  # finished at once with the reason (the server turns it into an error)
+                logger.warning("request %s: %s", req.request_id, problem)
+                self.scheduler.abort(req.seqs, "error", problem)
                 continue
             for seq in req.seqs:
                 seq.grammar = GrammarState(req.grammar_future.result(), self.grammars.stop_token_ids)
                 self.scheduler.add(seq)
 
     @property
-    def num_compiling(self) -> int:
+    def compiling(self) -> list[Request]:
         """Requests waiting for their grammar to compile (not yet in the scheduler)."""
+        return list(self._compiling)
+
+    @property
+    def num_compiling(self) -> int:
         return len(self._compiling)
 
     def abort_request(self, request_ids: Union[str, list[str]]) -> None:

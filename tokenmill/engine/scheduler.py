@@ -54,7 +54,8 @@ class Scheduler:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Sequences to run, or finished ones the engine has not reported yet."""
+        return bool(self.waiting or self.running or self._finished)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -130,10 +131,11 @@ class Scheduler:
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # a prompt chunk; nothing sampled yet
             tok = sampled[seq.seq_id]
-            seq.append_token(tok.token_id, tok.logprob, tok.top_logprobs)
             if seq.grammar is not None and not seq.grammar.accept(tok.token_id):
-                self._finish(seq, "abort")
+                # The sampler masks what the grammar refuses, so this is a bug; the token is dropped.
+                self._finish(seq, "error", f"the grammar refused token {tok.token_id}")
                 continue
+            seq.append_token(tok.token_id, tok.logprob, tok.top_logprobs)
             self._check_stop(seq, tok.token_id)
         finished, self._finished = self._finished, []
         if finished:
@@ -168,7 +170,8 @@ class Scheduler:
             seq.detokenizer.flush()
         self.block_manager.free(seq)
 
-    def abort(self, seqs: list[Sequence]) -> None:
+    def abort(self, seqs: list[Sequence], reason: str = "abort", message: Optional[str] = None) -> None:
+        """Finish seqs now, wherever they are ("error" with a message: the engine failed them)."""
         for seq in seqs:
             if seq.is_finished:
                 continue
@@ -176,4 +179,4 @@ class Scheduler:
                 self.waiting.remove(seq)
             if seq in self.running:
                 self.running.remove(seq)
-            self._finish(seq, "abort")
+            self._finish(seq, reason, message)

@@ -58,6 +58,10 @@ def plan_tools(body: ChatCompletionRequest, settings: ToolSettings) -> ToolPlan:
             raise BadRequest('"auto" tool choice requires the server to run with --enable-auto-tool-choice and '
                              "--tool-call-parser", param="tool_choice")
         return ToolPlan(tools, get_tool_parser(settings.tool_call_parser), parallel=parallel)
+    if body.stop:
+        # A stop string would cut the call the grammar holds the reply to.
+        what = choice if isinstance(choice, str) else "naming a function"
+        raise BadRequest(f"stop cannot be combined with tool_choice {what}", param="stop")
     parser = get_tool_parser(settings.tool_call_parser or DEFAULT_PARSER)
     if choice == "required":
         tag = parser.structural_tag(tools, "required", parallel)

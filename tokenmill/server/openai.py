@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,9 +17,10 @@ from tokenmill.engine.request_validation import InvalidRequest
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.admission import Admission
-from tokenmill.server.chat_tools import ReplyStream, ToolPlan, ToolSettings, plan_tools, reply_message
+from tokenmill.server.chat_tools import ToolPlan, ToolSettings, plan_tools, reply_message
 from tokenmill.server.errors import error_body
-from tokenmill.server.openai_format import accumulate, logprobs_json
+from tokenmill.server.openai_format import accumulate, failure_message, logprobs_json
+from tokenmill.server.openai_stream import stream_chunks
 from tokenmill.structured.params import StructuredOutputsParams
 from tokenmill.tokenizer import chat_template_ids
 from tokenmill.server.protocol import BadRequest, ChatCompletionRequest, CompletionRequest, _SamplingFields
@@ -74,10 +74,10 @@ class OpenAIServing:
             choice += params.n
         return jobs
 
-    def _structured(self, body: _SamplingFields, tools: Optional[StructuredOutputsParams] = None
-                    ) -> Optional[StructuredOutputsParams]:
-        """The request's output constraint, checked by the engine's grammar engine (a 400 naming
-        the field and the part of it that cannot be enforced)."""
+    async def _structured(self, body: _SamplingFields, tools: Optional[StructuredOutputsParams] = None
+                          ) -> Optional[StructuredOutputsParams]:
+        """The request's output constraint, checked and compiled before the request is admitted,
+        off both the event loop and the engine thread (a 400 names the field and what is wrong)."""
         asked = body.structured()
         if asked is not None and tools is not None:
             raise BadRequest(f"{asked[1]} cannot be combined with tool_choice {body.tool_choice!r}: both constrain "
@@ -85,17 +85,26 @@ class OpenAIServing:
         so, source = asked if asked is not None else (tools, "tools")
         if so is None:
             return None
+        engine = self.engine.engine
         try:
-            self.engine.engine.check_structured_outputs(so)
+            await asyncio.to_thread(engine.check_structured_outputs, so)
         except InvalidRequest as e:
-            message = e.message.replace("structured_outputs.structural_tag", "tools' schema")
-            raise BadRequest(message.replace("structured_outputs", source, 1), param=source) from e
+            problem: Optional[str] = e.message
+        else:
+            compiled = engine.grammars.submit(so)
+            await asyncio.wait([asyncio.wrap_future(compiled)])  # done, failed or not
+            problem = engine.grammar_problem(compiled)
+        if problem:
+            if source == "tools":  # the tools' schemas are what the structural tag holds
+                problem = problem.replace("structured_outputs.structural_tag", "tools").replace(
+                    "structured_outputs", "tools")
+            raise BadRequest(problem.replace("structured_outputs", source, 1), param=source)
         return so
 
     async def completions(self, body: CompletionRequest, request: Request) -> Union[JSONResponse, StreamingResponse]:
         self.admission.check_model(body.model)
         body.check_fields()
-        so = self._structured(body)
+        so = await self._structured(body)
         # echo with logprobs: the prompt's logprobs come first, as in OpenAI's API.
         prompt_lp = body.logprobs if body.echo and body.logprobs is not None else None
         prompts = self._prompts(body)
@@ -115,7 +124,7 @@ class OpenAIServing:
         body.check_fields()
         conversation = body.conversation()
         plan = plan_tools(body, self.tools)
-        so = self._structured(body, plan.structured)
+        so = await self._structured(body, plan.structured)
         if not getattr(self.tokenizer, "chat_template", None):
             raise BadRequest("this model's tokenizer has no chat template", param="messages")
         try:
@@ -159,7 +168,7 @@ class OpenAIServing:
                 for _ in range(job.params.n):
                     self.metrics.finished("abort")
 
-    async def _run_all(self, jobs: list[Job]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def run_all(self, jobs: list[Job]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every job's outputs as they come, tagged with the job's index. The jobs are submitted
         together, so a list of prompts is batched in the same engine steps, not run in turn."""
         streams = self.engine.generate_batch([(j.request_id, j.prompt_ids, j.params) for j in jobs])
@@ -205,10 +214,11 @@ class OpenAIServing:
         model = body.model
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._stream(jobs, rid, created, model, chat, include_usage, plan or ToolPlan()),
+            return StreamingResponse(stream_chunks(self, jobs, rid, created, model, chat, include_usage,
+                                                   plan or ToolPlan()),
                                      media_type="text/event-stream")
         latest: list[Optional[RequestOutput]] = [None] * len(jobs)
-        outputs = self._run_all(jobs)
+        outputs = self.run_all(jobs)
         try:
             async for i, out in outputs:
                 latest[i] = out
@@ -220,6 +230,9 @@ class OpenAIServing:
             return JSONResponse(status_code=499, content=error_body("client disconnected", 499,
                                                                     code="client_closed_request"))
         finals: list[RequestOutput] = latest  # type: ignore[assignment]
+        failed = failure_message(finals)
+        if failed:
+            return JSONResponse(status_code=500, content=error_body(failed, 500, code="engine_error"))
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for job, final in zip(jobs, finals):
             prompt_tokens += len(final.prompt_token_ids)
@@ -232,71 +245,14 @@ class OpenAIServing:
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}})
 
-    def _echo(self, job: Job, out: RequestOutput) -> Optional[tuple[RequestOutput, str]]:
+    def echo_prompt(self, job: Job, out: RequestOutput) -> Optional[tuple[RequestOutput, str]]:
         return (out, self.tokenizer.decode(job.prompt_ids[:1])) if job.echo is not None else None
 
     def _choice(self, c: CompletionOutput, job: Job, final: RequestOutput, chat: bool, plan: ToolPlan) -> dict[str, Any]:
         index, params = job.first_choice + c.index, job.params
-        logprobs = logprobs_json(c, 0, chat, params.logprobs, self._echo(job, final)) if params.logprobs is not None else None
+        logprobs = logprobs_json(c, 0, chat, params.logprobs, self.echo_prompt(job, final)) if params.logprobs is not None else None
         if chat:
             message, finish_reason = reply_message(c.text, c.finish_reason, plan)
             return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
         return {"index": index, "text": (job.echo or "") + c.text, "logprobs": logprobs,
                 "finish_reason": c.finish_reason}
-
-    async def _stream(self, jobs: list[Job], rid: str, created: int, model: str, chat: bool,
-                      include_usage: bool, plan: ToolPlan) -> AsyncIterator[str]:
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(choices: list[dict], usage: Optional[dict] = None) -> str:
-            payload = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
-            if include_usage:
-                payload["usage"] = usage
-            return f"data: {json.dumps(payload)}\n\n"
-
-        prompt_tokens = completion_tokens = 0
-        sent_text: list[dict[int, int]] = [{} for _ in jobs]
-        sent_tokens: list[dict[int, int]] = [{} for _ in jobs]
-        done: list[set[int]] = [set() for _ in jobs]
-        replies = [{i: ReplyStream(plan) for i in range(job.params.n)} for job in jobs]
-        if chat:
-            yield chunk([{"index": job.first_choice + i, "delta": {"role": "assistant", "content": ""},
-                          "logprobs": None, "finish_reason": None} for job in jobs for i in range(job.params.n)])
-        # NOTE: if the client goes away, Starlette stops this generator; closing the merged
-        # iterator aborts every engine request of this call and their KV blocks return at once.
-        async for j, out in self._run_all(jobs):
-            job = jobs[j]
-            choices = []
-            for c in out.outputs:
-                old_text, old_tok = sent_text[j].get(c.index, 0), sent_tokens[j].get(c.index, 0)
-                delta = c.text[old_text:]
-                if c.index in done[j] or (not delta and c.finish_reason is None):
-                    continue
-                if c.finish_reason is not None:
-                    done[j].add(c.index)
-                first = c.index not in sent_tokens[j]
-                sent_text[j][c.index] = len(c.text)  # handed on: to the client, or to the tool-call parser
-                index = job.first_choice + c.index
-                if chat:
-                    reply = replies[j][c.index]
-                    body = reply.delta(delta, c.finish_reason is not None)
-                    if not body and c.finish_reason is None:
-                        continue  # held back (it may start a tool call); its logprobs go with the next chunk
-                    entry = {"index": index, "delta": body, "finish_reason": reply.finish_reason(c.finish_reason)}
-                else:
-                    entry = {"index": index, "text": (job.echo or "") + delta if first else delta,
-                             "finish_reason": c.finish_reason}
-                sent_tokens[j][c.index] = len(c.token_ids)
-                entry["logprobs"] = (logprobs_json(c, old_tok, chat, job.params.logprobs,
-                                                   self._echo(job, out) if first else None)
-                                     if job.params.logprobs is not None else None)
-                choices.append(entry)
-            if choices:
-                yield chunk(choices)
-            if out.finished:
-                prompt_tokens += len(out.prompt_token_ids)
-                completion_tokens += sum(len(c.token_ids) for c in out.outputs)
-        if include_usage:
-            yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                             "total_tokens": prompt_tokens + completion_tokens})
-        yield "data: [DONE]\n\n"

@@ -55,3 +55,12 @@ def logprobs_json(c: CompletionOutput, start: int, chat: bool, k: int,
     return {"tokens": [e[0] if e else first_text for e in entries],
             "token_logprobs": [e[1] if e else None for e in entries],
             "top_logprobs": [{tt: tl for tt, tl in e[2]} if e else None for e in entries], "text_offset": []}
+
+
+def failure_message(outputs: list[RequestOutput]) -> Optional[str]:
+    """What went wrong, if the engine failed one of these outputs' choices (finish_reason "error")."""
+    for out in outputs:
+        for c in out.outputs:
+            if c.finish_reason == "error":
+                return str(c.stop_reason or "the engine failed the request")
+    return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tokenmill.engine.request_validation import InvalidRequest
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
@@ -212,6 +212,14 @@ class FunctionDefinition(BaseModel):
     parameters: Optional[dict[str, Any]] = None  # a JSON schema; none: the function takes no arguments
     strict: Optional[bool] = None  # the schema is always enforced when the call is (tool_choice)
 
+    @field_validator("parameters")
+    @classmethod
+    def _an_object(cls, v: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        # A call's arguments are a JSON object, in every tool-call format.
+        if v is not None and v.get("type", "object") != "object":
+            raise ValueError("a function's parameters must be a JSON schema of type object")
+        return v
+
 
 class ChatTool(BaseModel):
     type: Literal["function"]
@@ -264,6 +272,9 @@ class ChatCompletionRequest(_SamplingFields):
                     except ValueError as e:
                         raise BadRequest(f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON: {e}",
                                          param="messages") from e
+                    if not isinstance(arguments, dict):
+                        raise BadRequest(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object",
+                                         param="messages")
                     names[call.id] = call.function.name
                     msg["tool_calls"].append({"id": call.id, "type": "function", "function": {
                         "name": call.function.name, "arguments": arguments}})

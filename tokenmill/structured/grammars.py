@@ -14,7 +14,7 @@ import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Optional
 
 import xgrammar as xgr
 
@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 # Distinct grammars kept compiled; the oldest unused one goes first.
 CACHE_SIZE = 256
+# Deepest schema nesting accepted: building a grammar 64 levels deep takes ~30 ms, 400 levels 3 s.
+MAX_SCHEMA_DEPTH = 64
 
 # JSON-schema keywords xgrammar 0.2.9 accepts but does not enforce: an output could break them,
 # so a schema using them is refused rather than half-honoured. Found by compiling schemas with and
@@ -40,10 +42,12 @@ _SCHEMA_ONES = ("items", "additionalProperties", "propertyNames", "unevaluatedPr
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 
 
-def unsupported_schema_part(schema: Any, path: str = "#") -> str | None:
+def unsupported_schema_part(schema: Any, path: str = "#", depth: int = 0) -> str | None:
     """The first part of a JSON schema the grammar engine would not enforce, as "where: what"."""
     if not isinstance(schema, dict):
         return None
+    if depth > MAX_SCHEMA_DEPTH:  # building the grammar grows steeply with nesting
+        return f"{path}: the schema nests deeper than {MAX_SCHEMA_DEPTH} levels"
     for kw in _UNENFORCED:
         if kw in schema:
             return f"{path}: {kw!r} is not supported"
@@ -51,6 +55,16 @@ def unsupported_schema_part(schema: Any, path: str = "#") -> str | None:
         return f"{path}: 'uniqueItems' is not supported"
     if schema.get("unevaluatedItems") not in (None, False):
         return f"{path}: 'unevaluatedItems' is not supported"
+    if "oneOf" in schema and "discriminator" not in schema:
+        # Enforced as anyOf: an output matching two branches would break oneOf. A discriminated
+        # union (Pydantic writes one) has branches that exclude each other.
+        return f"{path}: 'oneOf' is only supported with a discriminator (use anyOf)"
+    if isinstance(schema.get("required"), list):
+        # xgrammar allows no property beyond `properties`, so a required one missing there
+        # could never be written.
+        missing = [r for r in schema["required"] if r not in (schema.get("properties") or {})]
+        if missing:
+            return f"{path}: required property {missing[0]!r} is not in 'properties'"
     if "multipleOf" in schema and schema.get("type") != "integer":
         return f"{path}: 'multipleOf' is only supported with type integer"
     for kw in ("pattern", "format"):
@@ -62,17 +76,17 @@ def unsupported_schema_part(schema: Any, path: str = "#") -> str | None:
     for kw in _SCHEMA_MAPS:
         if isinstance(schema.get(kw), dict):
             for name, sub in schema[kw].items():
-                found = unsupported_schema_part(sub, f"{path}/{kw}/{name}")
+                found = unsupported_schema_part(sub, f"{path}/{kw}/{name}", depth + 1)
                 if found:
                     return found
     for kw in _SCHEMA_LISTS:
         if isinstance(schema.get(kw), list):
             for i, sub in enumerate(schema[kw]):
-                found = unsupported_schema_part(sub, f"{path}/{kw}/{i}")
+                found = unsupported_schema_part(sub, f"{path}/{kw}/{i}", depth + 1)
                 if found:
                     return found
     for kw in _SCHEMA_ONES:
-        found = unsupported_schema_part(schema.get(kw), f"{path}/{kw}")
+        found = unsupported_schema_part(schema.get(kw), f"{path}/{kw}", depth + 1)
         if found:
             return found
     return None
@@ -138,13 +152,23 @@ class GrammarCache:
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=1)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenmill-grammar")
         self._cache: OrderedDict[str, Future] = OrderedDict()
+        # Grammars built by check() and not yet compiled, so that compiling does not build again.
+        self._built: OrderedDict[str, xgr.Grammar] = OrderedDict()
         self._lock = threading.Lock()  # the server's threads and the engine's both submit
         self.hits = self.misses = 0
 
     def check(self, params: StructuredOutputsParams) -> None:
-        """Raise ValueError if this constraint cannot be enforced (cheap: no compilation)."""
-        if params.key() not in self._cache:
-            build_grammar(params)
+        """Raise ValueError if this constraint cannot be enforced (no compilation, but building
+        the grammar of a big schema takes a while: the server calls this off its event loop)."""
+        key = params.key()
+        with self._lock:
+            if key in self._cache or key in self._built:
+                return
+        grammar = build_grammar(params)
+        with self._lock:
+            self._built[key] = grammar
+            while len(self._built) > CACHE_SIZE:
+                self._built.popitem(last=False)
 
     def submit(self, params: StructuredOutputsParams) -> Future:
         """A future of the compiled grammar; resolved at once if an earlier request compiled it."""
@@ -156,14 +180,14 @@ class GrammarCache:
                 self.hits += 1
                 return fut
             self.misses += 1
-            fut = self._pool.submit(self._compile, params)
+            fut = self._pool.submit(self._compile, params, self._built.pop(key, None))
             self._cache[key] = fut
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
             return fut
 
-    def _compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
-        compiled = self.compiler.compile_grammar(build_grammar(params))
+    def _compile(self, params: StructuredOutputsParams, grammar: Optional[xgr.Grammar] = None) -> xgr.CompiledGrammar:
+        compiled = self.compiler.compile_grammar(grammar if grammar is not None else build_grammar(params))
         logger.debug("compiled a %s grammar", params.kind)
         return compiled
 

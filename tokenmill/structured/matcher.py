@@ -43,6 +43,17 @@ class GrammarState:
         return self.matcher.is_terminated()
 
 
+def matches_nothing(compiled: xgr.CompiledGrammar) -> bool:
+    """Whether a grammar allows no output at all (say the regex `[^\\s\\S]`): its first mask
+    would leave no token to sample."""
+    matcher = xgr.GrammarMatcher(compiled, terminate_without_stop_token=True)
+    if matcher.is_completed():  # the empty output is in the language
+        return False
+    mask = xgr.allocate_token_bitmask(1, compiled.tokenizer_info.vocab_size)
+    matcher.fill_next_token_bitmask(mask, 0)
+    return not bool(mask.any())
+
+
 def batch_bitmask(states: Sequence[Optional[GrammarState]], vocab_size: int
                   ) -> Optional[tuple[torch.Tensor, list[int]]]:
     """One bitmask for every sampled row ([rows, ceil(V/32)] int32, a set bit = allowed) and the

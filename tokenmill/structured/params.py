@@ -64,5 +64,6 @@ class StructuredOutputsParams:
         return next(k for k in KINDS if getattr(self, k) not in (None, False))
 
     def key(self) -> str:
-        """One string per distinct grammar: the compile cache's key."""
-        return json.dumps([self.kind, getattr(self, self.kind)], sort_keys=True)
+        """One string per distinct grammar: the compile cache's key. Key order is kept: it is the
+        order the grammar writes an object's properties in."""
+        return json.dumps([self.kind, getattr(self, self.kind)])

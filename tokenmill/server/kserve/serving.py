@@ -135,7 +135,7 @@ class KServeServing:
             raise self._refuse(e) from None
         finals: list[Optional[RequestOutput]] = [None] * len(jobs)
         try:
-            async with contextlib.aclosing(self.openai._run_all(jobs)) as outputs:
+            async with contextlib.aclosing(self.openai.run_all(jobs)) as outputs:
                 async for i, out in outputs:
                     finals[i] = out
                     if disconnected is not None and await disconnected():
@@ -157,7 +157,7 @@ class KServeServing:
             jobs = self._admit(rows, headers)
         except (TensorError, InvalidRequest, Refusal) as e:
             raise self._refuse(e) from None
-        async with contextlib.aclosing(self.openai._run_all(jobs)) as outputs:
+        async with contextlib.aclosing(self.openai.run_all(jobs)) as outputs:
             async for item in self._deltas(kind, requested, outputs):
                 yield item
 
