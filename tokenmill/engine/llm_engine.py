@@ -89,6 +89,7 @@ class LLMEngine:
         self._grammars: Optional[GrammarCache] = None  # built on the first constrained request
         self._grammars_lock = threading.Lock()
         self._compiling: list[Request] = []  # constrained requests whose grammar is compiling
+        self._failed: list[Request] = []  # failed by the engine, to report in the next step
         self.stats = EngineStats(kv_blocks_total=self.block_manager.num_blocks,
                                  spill_blocks_total=runner.num_spill_blocks)
         self._next_id = 0
@@ -179,6 +180,7 @@ class LLMEngine:
             if problem:  # finished at once with the reason (the server turns it into an error)
                 logger.warning("request %s: %s", req.request_id, problem)
                 self.scheduler.abort(req.seqs, "error", problem)
+                self._failed.append(req)
                 continue
             for seq in req.seqs:
                 seq.grammar = GrammarState(req.grammar_future.result(), self.grammars.stop_token_ids)
@@ -211,7 +213,7 @@ class LLMEngine:
             self._grammars.shutdown()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._compiling)
+        return self.scheduler.has_unfinished() or bool(self._compiling or self._failed)
 
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -228,6 +230,7 @@ class LLMEngine:
         prompt_tokens = sum(max(0, min(q.num_computed_tokens + n, q.num_prompt_tokens) - q.num_computed_tokens)
                             for q, n in sched.scheduled)
         finished = self.scheduler.update(sched, sampled)
+        self._failed.clear()  # reported with the finished ones
         self._update_stats(sched, len(sampled), prompt_tokens)
         touched = {s.request.request_id: s.request for s, _ in sched.scheduled}
         touched.update({s.request.request_id: s.request for s in finished})

@@ -54,8 +54,7 @@ class Scheduler:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        """Sequences to run, or finished ones the engine has not reported yet."""
-        return bool(self.waiting or self.running or self._finished)
+        return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -171,7 +170,8 @@ class Scheduler:
         self.block_manager.free(seq)
 
     def abort(self, seqs: list[Sequence], reason: str = "abort", message: Optional[str] = None) -> None:
-        """Finish seqs now, wherever they are ("error" with a message: the engine failed them)."""
+        """Finish seqs now, wherever they are ("error" with a message: the engine failed them);
+        the next update() returns them."""
         for seq in seqs:
             if seq.is_finished:
                 continue
