@@ -5,13 +5,15 @@ import argparse
 import logging
 import time
 import contextlib
+from pathlib import Path
 from collections.abc import AsyncIterator
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -23,12 +25,15 @@ from tokenmill.server.admission import CapacityLimits
 from tokenmill.server.chat_tools import ToolSettings
 from tokenmill.server.errors import HealthResponse, error_body, error_responses
 from tokenmill.server.kserve.http import kserve_router
+from tokenmill.server.live_stats import live_stats
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, request_fields
 from tokenmill.server.refusal import Refusal
 from tokenmill.structured.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).parent / "web"
 
 
 # What each endpoint can answer besides 200, for the OpenAPI document (generated clients and
@@ -65,6 +70,8 @@ def build_app(served: list[ServedModel], access: AccessController, server_metric
     app = FastAPI(title="tokenmill", description="OpenAI-compatible LLM server, and Triton's (KServe v2) protocol",
                   lifespan=lifespan)
     app.include_router(kserve_router(registry.kserve, lambda: registry.serving, registry.index))  # /v2/...
+    # The chat page and the dashboard: static files shipped in the package, nothing from a CDN.
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
     created = int(time.time())
 
     @app.exception_handler(Refusal)
@@ -114,6 +121,18 @@ def build_app(served: list[ServedModel], access: AccessController, server_metric
              responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}})
     async def prometheus() -> Response:
         return Response(generate_latest(server_metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/stats", responses={200: {"description": "Each model's load, the numbers of /metrics as JSON"}})
+    async def stats() -> dict[str, Any]:
+        return live_stats(server_metrics.registry)
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html")
+
+    @app.get("/dashboard", include_in_schema=False)
+    async def dashboard_page() -> FileResponse:
+        return FileResponse(WEB_DIR / "dashboard.html")
 
     @app.get("/v1/models", responses=_MODELS_ERRORS)
     async def list_models(request: Request) -> JSONResponse:

@@ -27,6 +27,7 @@ class ServerMetrics:
         add(Gauge, "num_requests_running", "Requests in the running batch.")
         add(Gauge, "num_requests_waiting", "Requests waiting to be scheduled.")
         add(Gauge, "kv_cache_usage_perc", "Fraction of KV blocks held by requests (0-1).")
+        add(Gauge, "kv_cache_blocks_cached", "KV blocks holding cached prefixes that no request uses.")
         add(Gauge, "model_bandwidth_utilization",
             "Bytes moved per busy second over the device's peak bandwidth, last 10 s (0-1).")
         add(Gauge, "model_flops_utilization", "FLOPs per busy second over the device's peak, last 10 s (0-1).")
@@ -53,7 +54,8 @@ class ModelMetrics:
     def __init__(self, server: ServerMetrics, model_name: str) -> None:
         f, self.model_name = server.families, model_name
         self.registry = server.registry
-        for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_queries",
+        for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "kv_cache_blocks_cached",
+                     "prefix_cache_queries",
                      "prefix_cache_hits", "num_preemptions", "prompt_tokens", "generation_tokens"):
             setattr(self, name, f[name].labels(model_name))
         self.mbu = f["model_bandwidth_utilization"].labels(model_name)
@@ -66,7 +68,7 @@ class ModelMetrics:
         self.request_success = f["request_success"]
         self.admission_rejections = f["admission_rejections"]
         self._last: dict[str, int] = {}
-        for reason in ("stop", "length", "abort"):
+        for reason in ("stop", "length", "abort", "error"):
             self.request_success.labels(model_name, reason)
         for reason in ("capacity", "rate_limit", "auth", "signature", "bad_request"):
             self.admission_rejections.labels(model_name, reason)
@@ -83,6 +85,7 @@ class ModelMetrics:
         self.num_requests_running.set(len({q.request.request_id for q in sched.running}))
         self.num_requests_waiting.set(len({q.request.request_id for q in sched.waiting}))
         self.kv_cache_usage_perc.set(engine.block_manager.usage)
+        self.kv_cache_blocks_cached.set(engine.block_manager.num_cached_blocks)
 
     def on_step(self, engine: LLMEngine, stepped: bool) -> None:
         """Called by the engine thread after each loop turn: gauges, batch sizes, counter deltas."""
