@@ -59,8 +59,9 @@ def _send(pg, text: str) -> None:
 
 def _last_reply(pg, timeout: float = 60_000) -> str:
     """The newest assistant reply's text once it has finished (its stats line appears)."""
-    pg.wait_for_selector(".msg.assistant:last-of-type .reply-stats", timeout=timeout)
-    return pg.locator(".msg.assistant").last.get_attribute("data-raw")
+    reply = pg.locator(".msg.assistant").last
+    reply.locator(".reply-stats").wait_for(timeout=timeout)
+    return reply.get_attribute("data-raw")
 
 
 def _metric(server: Server, name: str) -> float:
@@ -99,8 +100,7 @@ def test_stop_mid_stream_frees_the_kv_blocks(page, server):
     _settings(page, temperature="0.8", max_tokens="900")
     aborted = _metric(server, "tokenmill:request_success_total{finished_reason=abort}")
     _send(page, "Write a long story.")
-    page.wait_for_function("document.querySelectorAll('.msg.assistant').length > 0 && "
-                           "document.querySelector('.msg.assistant:last-of-type').textContent.length > 20")
+    page.wait_for_function("[...document.querySelectorAll('.msg.assistant')].some(m => m.textContent.length > 20)")
     assert _metric(server, "tokenmill:num_requests_running") == 1
     page.click("#stop")
     deadline = time.time() + 10
