@@ -168,3 +168,9 @@ def test_capacity_applies_to_grpc(small_server):
         outcomes = list(pool.map(one, range(24)))
     assert "ok" in outcomes and any("UNAVAILABLE" in o for o in outcomes), outcomes
     assert all(o == "ok" or "UNAVAILABLE" in o for o in outcomes), outcomes
+
+
+def test_a_request_over_a_limit_on_its_own_is_a_400_not_endless_503s(small_server):
+    url = f"{small_server.url}/v1/completions"
+    r = httpx.post(url, json={"model": "demo", "prompt": ["a"] * 9, "max_tokens": 1})
+    assert r.status_code == 400 and "--max-num-queued-reqs" in r.json()["error"]["message"], r.text

@@ -15,6 +15,7 @@ from tokenmill.engine.async_engine import AsyncLLMEngine
 from tokenmill.server.access import AccessController
 from tokenmill.server.metrics import ModelMetrics
 from tokenmill.server.protocol import BadRequest
+from tokenmill.engine.request_validation import InvalidRequest
 from tokenmill.server.refusal import Refusal
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,13 @@ class Admission:
         in_system, queued_tokens, free_blocks, _running = self.engine.admission_view()
         new_tokens = sum(len(j.prompt_ids) * j.params.n for j in jobs)
         lim = self.limits
+        # A request over a limit on its own would never get in: a 400 now, not 503s forever.
+        if len(jobs) > lim.max_num_queued_reqs:
+            raise InvalidRequest(f"the request carries {len(jobs)} prompts; this server queues at most "
+                                 f"{lim.max_num_queued_reqs} requests (--max-num-queued-reqs)", "prompt")
+        if new_tokens > lim.max_num_queued_tokens:
+            raise InvalidRequest(f"the request's prompts come to {new_tokens} tokens; this server queues at most "
+                                 f"{lim.max_num_queued_tokens} (--max-num-queued-tokens)", "prompt")
         reason = None
         if in_system + len(jobs) > lim.max_num_queued_reqs:
             reason = f"{in_system} requests in progress (limit {lim.max_num_queued_reqs})"
