@@ -204,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(srv)
     srv.set_defaults(func=cmd_serve)
 
+    from tokenmill.router import cli as router_cli
+
+    rt = sub.add_parser("router", help="the fleet router: cache- and load-aware, in front of several `serve` replicas")
+    router_cli.add_args(rt)
+    rt.set_defaults(func=router_cli.run)
+
     q = sub.add_parser("quantize", help="GPTQ / RTN quantization into the GPTQ v1 checkpoint format")
     add_quantize_args(q)
     q.set_defaults(func=cmd_quantize)

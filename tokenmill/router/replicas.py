@@ -1,0 +1,179 @@
+"""The replicas behind the router: where each is, whether it is healthy, and how loaded it is.
+
+A ReplicaSet polls every replica's /health and /metrics on a fixed interval. One failed check (or
+a refused connection seen by the proxy) takes a replica out; one passing check puts it back.
+NOTE: all state here is read and written on the router's event loop only, so it needs no locks.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+logger = logging.getLogger(__name__)
+
+# The load gauges a `tokenmill serve` replica exports (server/metrics.py), one sample per model.
+RUNNING, WAITING, KV_USAGE = ("tokenmill:num_requests_running", "tokenmill:num_requests_waiting",
+                              "tokenmill:kv_cache_usage_perc")
+
+
+@dataclass(eq=False)  # identity equality: replicas are dict keys, and two may look alike mid-update
+class Replica:
+    url: str
+    region: Optional[str] = None
+    weight: float = 1.0
+    # Unknown until the first check; the router checks every replica before it serves.
+    healthy: bool = False
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_cache_usage: float = 0.0
+    in_flight: int = 0  # requests the router has sent and not yet seen finish
+    last_error: Optional[str] = None
+    checked_at: Optional[float] = None  # time.time() of the last check
+
+    def __post_init__(self) -> None:
+        self.url = self.url.rstrip("/")
+        if not self.url.startswith(("http://", "https://")) or len(self.url.split("://", 1)[1]) == 0:
+            raise ValueError(f"a replica URL must start with http:// or https://; got {self.url!r}")
+        if not self.weight > 0:
+            raise ValueError(f"replica weight must be > 0; got {self.weight} for {self.url}")
+
+    @property
+    def load(self) -> float:
+        """Requests on the replica per unit of weight. The router's own in-flight count covers the
+        requests sent since the last poll, which the replica's gauges do not show yet."""
+        return (self.running + self.waiting + self.in_flight) / self.weight
+
+    @classmethod
+    def parse(cls, spec: str) -> "Replica":
+        """`URL[,region=R][,weight=W]`, as --replica and the replicas file write it."""
+        url, *options = [part.strip() for part in spec.strip().split(",")]
+        fields: dict[str, object] = {}
+        for option in options:
+            key, sep, value = option.partition("=")
+            if not sep or key not in ("region", "weight") or not value:
+                raise ValueError(f"bad replica option {option!r} in {spec!r}: expected region=R or weight=W")
+            if key == "weight":
+                try:
+                    fields["weight"] = float(value)
+                except ValueError:
+                    raise ValueError(f"replica weight must be a number; got {value!r} in {spec!r}") from None
+            else:
+                fields["region"] = value
+        return cls(url, **fields)  # type: ignore[arg-type]
+
+    def describe(self) -> dict[str, object]:
+        return {"url": self.url, "region": self.region, "weight": self.weight, "healthy": self.healthy,
+                "running": self.running, "waiting": self.waiting, "kv_cache_usage": self.kv_cache_usage,
+                "in_flight": self.in_flight, "load": self.load, "last_error": self.last_error,
+                "checked_at": self.checked_at}
+
+
+def read_replicas_file(path: str) -> list[Replica]:
+    """One replica spec a line; blank lines and `#` comments are skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ValueError(f"cannot read --replicas-file {path!r}: {e}") from None
+    return [Replica.parse(line) for line in (raw.split("#", 1)[0].strip() for raw in lines) if line]
+
+
+def parse_load(text: str) -> tuple[float, float, float]:
+    """(running, waiting, KV usage) from a replica's Prometheus text: requests summed over the
+    models it serves, KV usage their largest (the models share no pool, the fullest one refuses)."""
+    running = waiting = usage = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == RUNNING:
+                running += sample.value
+            elif sample.name == WAITING:
+                waiting += sample.value
+            elif sample.name == KV_USAGE:
+                usage = max(usage, sample.value)
+    return running, waiting, usage
+
+
+class ReplicaSet:
+    """The fleet, and the task that keeps its health and load current."""
+
+    def __init__(self, replicas: list[Replica], interval_s: float = 0.5, timeout_s: float = 1.0) -> None:
+        if not replicas:
+            raise ValueError("the router needs at least one replica (--replica URL or --replicas-file)")
+        urls = [r.url for r in replicas]
+        dup = sorted({u for u in urls if urls.count(u) > 1})
+        if dup:
+            raise ValueError(f"replica listed twice: {', '.join(dup)}")
+        self.replicas = replicas
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self._client: Optional[httpx.AsyncClient] = None
+        self._task: Optional[asyncio.Task] = None
+
+    def healthy(self) -> list[Replica]:
+        return [r for r in self.replicas if r.healthy]
+
+    async def start(self) -> None:
+        """Check every replica once (so the first requests see real health), then keep polling."""
+        # trust_env=False: replicas are reached directly, never through a proxy from the environment.
+        self._client = httpx.AsyncClient(timeout=self.timeout_s, trust_env=False)
+        await self.check_all()
+        self._task = asyncio.create_task(self._poll(), name="tokenmill-router-health")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.check_all()
+            except Exception:  # noqa: BLE001 - the poller must outlive any one bad round
+                logger.exception("health round failed")
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(r) for r in self.replicas))
+
+    async def check(self, replica: Replica) -> None:
+        """One health check: /health must answer 200; /metrics, when it parses, updates the load."""
+        assert self._client is not None, "start() first"
+        replica.checked_at = time.time()
+        try:
+            health = await self._client.get(f"{replica.url}/health")
+        except httpx.HTTPError as e:
+            self.mark_failed(replica, f"health check: {type(e).__name__}: {e}")
+            return
+        if health.status_code != 200:
+            self.mark_failed(replica, f"health check: HTTP {health.status_code}")
+            return
+        try:
+            metrics = await self._client.get(f"{replica.url}/metrics")
+            metrics.raise_for_status()
+            replica.running, replica.waiting, replica.kv_cache_usage = parse_load(metrics.text)
+        except (httpx.HTTPError, ValueError) as e:
+            # Healthy but unreadable load: keep the last numbers rather than fail a serving replica.
+            logger.debug("cannot read the load of %s: %s", replica.url, e)
+        self.mark_healthy(replica)
+
+    def mark_failed(self, replica: Replica, reason: str) -> None:
+        if replica.healthy:
+            logger.warning("replica %s is down: %s", replica.url, reason)
+        replica.healthy = False
+        replica.last_error = reason
+
+    def mark_healthy(self, replica: Replica) -> None:
+        if not replica.healthy:
+            logger.info("replica %s is healthy", replica.url)
+        replica.healthy = True
+        replica.last_error = None
