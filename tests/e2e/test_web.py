@@ -98,6 +98,12 @@ def test_stop_mid_stream_frees_the_kv_blocks(page, server):
     page.goto(server.url + "/")
     page.wait_for_function("document.querySelector('#model').options.length > 0")
     _settings(page, temperature="0.8", max_tokens="900")
+
+    def no_early_end(route):  # the demo model may otherwise end its reply (EOS) before Stop
+        body = json.loads(route.request.post_data)
+        route.continue_(post_data=json.dumps({**body, "ignore_eos": True}))
+
+    page.route("**/v1/chat/completions", no_early_end)
     aborted = _metric(server, "tokenmill:request_success_total{finished_reason=abort}")
     _send(page, "Write a long story.")
     page.wait_for_function("[...document.querySelectorAll('.msg.assistant')].some(m => m.textContent.length > 20)")
@@ -220,3 +226,175 @@ def test_the_dashboard_matches_metrics_under_load(page, server):
     _screenshot(page, "dashboard")
     for t in threads:
         t.join(120)
+
+
+# ---------- faked answers (page.route): refusals, two tabs, markdown ----------
+
+def _sse(*parts: str, done: bool = True) -> str:
+    chunks = [{"choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]} for p in parts]
+    return "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + ("data: [DONE]\n\n" if done else "")
+
+
+def _ok(route, *parts: str) -> None:
+    route.fulfill(status=200, body=_sse(*parts), headers={"Content-Type": "text/event-stream"})
+
+
+def _refuse(route, status: int, message: str, retry_after: str | None = None) -> None:
+    headers = {"Content-Type": "application/json", **({"Retry-After": retry_after} if retry_after else {})}
+    route.fulfill(status=status, headers=headers, body=json.dumps({"error": {"message": message}}))
+
+
+def _open(pg, url: str) -> None:
+    pg.goto(url + "/")
+    pg.wait_for_function("document.querySelector('#model').options.length > 0 && "
+                         "document.querySelector('#model').value !== ''")
+
+
+def _sent_messages(pg) -> list[list[dict]]:
+    """The messages of every chat request the page makes, in order."""
+    sent: list[list[dict]] = []
+    pg.on("request", lambda r: sent.append(json.loads(r.post_data)["messages"])
+          if r.url.endswith("/v1/chat/completions") and r.method == "POST" else None)
+    return sent
+
+
+def _stored_titles(pg) -> list[str]:
+    return sorted(pg.evaluate("Object.keys(localStorage).filter(k => k.startsWith('tokenmill.conv.'))"
+                              ".map(k => JSON.parse(localStorage.getItem(k)).title)"))
+
+
+def test_two_tabs_keep_each_others_conversations(browser, server):
+    ctx = browser.new_context()
+    try:
+        a, b = ctx.new_page(), ctx.new_page()
+        held = []  # tab A's request waits (A is mid-send) while tab B sends and finishes
+        a.route("**/v1/chat/completions", lambda route: held.append(route))
+        b.route("**/v1/chat/completions", lambda route: _ok(route, "reply to B"))
+        _open(a, server.url)
+        _open(b, server.url)
+        _send(a, "from tab A")
+        a.wait_for_function("document.body.classList.contains('busy')")
+        deadline = time.time() + 10
+        while not held and time.time() < deadline:
+            a.wait_for_timeout(50)
+        b.click("#new-chat")
+        _send(b, "from tab B")
+        b.locator(".msg.assistant .reply-stats").wait_for()
+        _ok(held[0], "reply to A")
+        a.locator(".msg.assistant .reply-stats").wait_for()
+        a.wait_for_timeout(300)  # the storage events reach the other tab
+        for pg in (a, b):
+            titles = pg.evaluate("[...document.querySelectorAll('#conversations .title')].map(t => t.textContent)")
+            assert sorted(titles) == ["from tab A", "from tab B"]
+            assert _stored_titles(pg) == ["from tab A", "from tab B"]
+        # A stale copy never overwrites a newer one.
+        assert a.evaluate("""() => { const id = Object.keys(localStorage).find(k => k.startsWith('tokenmill.conv.'))
+            .slice('tokenmill.conv.'.length); const c = TMStore.getJSON('tokenmill.conv.' + id);
+            return TMStore.save(Object.assign({}, c, {updated: c.updated - 1, messages: []}), []).ok; }""") is False
+        # The old single key is split into one key per conversation.
+        a.evaluate("""localStorage.setItem('tokenmill.conversations', JSON.stringify([{id: 'old1', title: 'old one',
+            messages: [{role: 'user', content: 'x'}], updated: 1}]))""")
+        _open(a, server.url)
+        assert "old one" in _stored_titles(a) and a.evaluate("localStorage.getItem('tokenmill.conversations')") is None
+    finally:
+        ctx.close()
+
+
+def test_cancel_at_capacity_keeps_the_message_out_of_the_history(page, server):
+    sent = _sent_messages(page)
+    state = {"refuse": True}
+    page.route("**/v1/chat/completions", lambda route: _refuse(route, 503, "at capacity (limit 1)", "30")
+               if state["refuse"] else _ok(route, "hello"))
+    _open(page, server.url)
+    _send(page, "cancel me")
+    page.wait_for_selector("#capacity", state="visible")
+    assert page.locator(".msg.user.pending").count() == 1
+    # The overlay has the focus and keeps it: Retry now, Tab to Cancel, Tab back to Retry now.
+    assert page.evaluate("document.activeElement.id") == "capacity-retry"
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "capacity-cancel"
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "capacity-retry"
+    page.click("#capacity-cancel")
+    page.wait_for_selector("#capacity", state="hidden")
+    assert page.input_value("#prompt") == "cancel me" and page.locator(".msg.user").count() == 0
+    assert page.evaluate("document.activeElement.id") == "prompt"
+    # Escape is Cancel too.
+    _send(page, "cancel me")
+    page.wait_for_selector("#capacity", state="visible")
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#capacity", state="hidden")
+    assert page.input_value("#prompt") == "cancel me"
+    # A reload during the wait: the message comes back into the composer, with a notice.
+    _send(page, "reloaded")
+    page.wait_for_selector("#capacity", state="visible")
+    _open(page, server.url)
+    assert page.input_value("#prompt") == "reloaded" and page.locator(".msg.user").count() == 0
+    assert "not sent yet" in page.inner_text("#notice").lower()
+    state["refuse"] = False
+    _send(page, "the real one")
+    _last_reply(page)
+    assert page.input_value("#prompt") == ""
+    assert sent[-1] == [{"role": "user", "content": "the real one"}]
+    assert all(m["content"] in ("cancel me", "reloaded", "the real one") for msgs in sent for m in msgs)
+    assert sum(len(msgs) for msgs in sent[:-1]) == len(sent) - 1  # each refused try carried only its turn
+
+
+def test_a_refusal_without_retry_after_is_final(page, server):
+    sent = _sent_messages(page)
+    state = {"status": 429, "retry": None}
+    page.route("**/v1/chat/completions", lambda route: _refuse(
+        route, state["status"], "needs 268 tokens, allows 100: it can never fit", state["retry"]))
+    _open(page, server.url)
+    _send(page, "never fits")
+    page.locator(".msg.error").wait_for()
+    assert "can never fit" in page.inner_text(".msg.error")
+    assert page.locator("#rate-limit").is_hidden() and page.locator("#capacity").is_hidden()
+    assert page.input_value("#prompt") == "never fits" and page.locator(".msg.user").count() == 0
+    page.wait_for_timeout(300)
+    assert len(sent) == 1
+    # Stop during a 429 wait WITH Retry-After: the same, the message back in the composer.
+    state["retry"] = "30"
+    page.click("#send")
+    page.wait_for_selector("#rate-limit", state="visible")
+    page.click("#stop")
+    page.wait_for_selector("#rate-limit", state="hidden")
+    assert page.input_value("#prompt") == "never fits" and page.locator(".msg.user").count() == 0
+
+
+def test_models_are_asked_for_again_and_streams_are_read_to_the_end(page, server):
+    fail = {"models": True}
+
+    def models(route):
+        if fail["models"]:
+            route.fulfill(status=500, body="restarting")
+        else:
+            route.continue_()
+
+    page.route("**/v1/models", models)
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"},
+        body=_sse("abc", done=False) + 'data: {"choices":[{"index":0,"delta":{"content":"def"}}]}'))
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelector('#model').textContent.includes('unavailable')")
+    _send(page, "hello")
+    page.wait_for_selector("#notice", state="visible")
+    assert "no model" in page.inner_text("#notice").lower() and page.input_value("#prompt") == "hello"
+    fail["models"] = False
+    page.click("#send")
+    assert _last_reply(page) == "abcdef"  # the last line had no newline, and there was no [DONE]
+    assert "interrupted" in page.locator(".msg.assistant .reply-stats").inner_text()
+
+
+def test_markdown_links_and_loose_lists(page, server):
+    page.goto(server.url + "/")
+    html = page.evaluate("(t) => renderMarkdown(t)",
+                         "See [the docs](https://docs.python.org/3/reference/datamodel.html#object.__init__) "
+                         "and [**bold** link](https://example.com/a_b_c) for my_flag_.")
+    assert 'href="https://docs.python.org/3/reference/datamodel.html#object.__init__"' in html
+    assert 'href="https://example.com/a_b_c" target="_blank"' in html
+    assert "<strong>bold</strong> link</a>" in html and "<em>" not in html
+    loose = page.evaluate("(t) => renderMarkdown(t)", "1. Install it\n\n2. Run it\n\n3. Done")
+    assert loose == "<ol><li>Install it</li><li>Run it</li><li>Done</li></ol>"
+    broken = page.evaluate("(t) => renderMarkdown(t)", "1. one\n\n```\ncode\n```\n\n2. two\n3. three")
+    assert broken.endswith('<ol start="2"><li>two</li><li>three</li></ol>')

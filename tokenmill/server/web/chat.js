@@ -1,38 +1,70 @@
-// The chat page: conversations kept in localStorage, replies streamed from
-// POST /v1/chat/completions (SSE), rendered as plain text while streaming and as (safe)
+// The chat page: conversations kept in localStorage (storage.js), replies streamed from
+// POST /v1/chat/completions (send.js, stream.js), rendered as plain text while streaming and as (safe)
 // markdown once finished. Refusals (401 / 429 / 503) are handled by api.js.
+//
+// A message is never lost, never sent twice and never silently part of the history: it is
+// shown as a `pending` user turn and stays in the (read-only) composer until the server has
+// answered 2xx; a cancel, Stop or final refusal before that removes the turn and leaves the
+// text in the composer.
 (function () {
   "use strict";
 
   const $ = (id) => document.getElementById(id);
-  const STORE = { convs: "tokenmill.conversations", current: "tokenmill.current",
-                  draft: "tokenmill.draft", settings: "tokenmill.settings" };
+  const S = window.TMStore;
+  const KEYS = { current: "tokenmill.current", draft: "tokenmill.draft", settings: "tokenmill.settings" };
   const DEFAULTS = { model: "", system: "", temperature: 0.7, topP: 1, maxTokens: 256 };
+  // This tab's id (sessionStorage outlives a reload, not the tab): pending turns carry it, so a
+  // reload takes back its own unsent message and leaves another tab's waiting one alone.
+  const TAB = sessionStorage.getItem("tokenmill.tab") || Math.random().toString(36).slice(2, 10);
+  try { sessionStorage.setItem("tokenmill.tab", TAB); } catch (_) { /* unavailable */ }
 
-  const load = (key, fallback) => {
-    try { const v = JSON.parse(localStorage.getItem(key)); return v == null ? fallback : v; }
-    catch (_) { return fallback; }
-  };
-
-  let conversations = load(STORE.convs, []);
-  if (!Array.isArray(conversations)) conversations = [];
-  let currentId = localStorage.getItem(STORE.current) || null;
-  const settings = Object.assign({}, DEFAULTS, load(STORE.settings, {}));
-  let controller = null;   // the AbortController of the reply in progress, if any
-  let saveTimer = null;
+  const loaded = S.loadAll();
+  let conversations = loaded.conversations;
+  let currentId = S.get(KEYS.current) || null;
+  const settings = Object.assign({}, DEFAULTS, S.getJSON(KEYS.settings, {}));
+  let controller = null;    // the AbortController of the send in progress, if any
+  let active = null;        // the conversation that send is writing into
+  const dirty = new Set(loaded.unsaved);   // ids of conversations changed here, not yet saved
+  let saveTimer = null, noticeTimer = null;
 
   const current = () => conversations.find((c) => c.id === currentId) || null;
+  const touch = (conv) => { conv.updated = Math.max(Date.now(), (conv.updated || 0) + 1); dirty.add(conv.id); };
 
   function saveNow() {
     clearTimeout(saveTimer);
     saveTimer = null;
-    localStorage.setItem(STORE.convs, JSON.stringify(conversations));
-    if (currentId) localStorage.setItem(STORE.current, currentId);
-    else localStorage.removeItem(STORE.current);
+    const evicted = [];
+    for (const id of [...dirty]) {
+      dirty.delete(id);
+      const conv = conversations.find((c) => c.id === id);
+      if (!conv) continue;
+      const r = S.save(conv, [currentId, active && active.id].filter(Boolean));
+      evicted.push(...r.evicted);
+      if (r.stale && conv !== active) conversations[conversations.indexOf(conv)] = r.stale;
+      if (r.full) notice("Browser storage is full: this conversation is not saved (it stays until the page is closed).", true);
+    }
+    if (evicted.length) {
+      conversations = conversations.filter((c) => !evicted.includes(c.id));
+      notice("Browser storage was full: removed " + (evicted.length === 1 ? "the oldest conversation"
+             : "the " + evicted.length + " oldest conversations") + " to make room.", false);
+      renderList();
+    }
+    if (currentId) S.trySet(KEYS.current, currentId);
+    else S.remove(KEYS.current);
   }
-  // While streaming, a save per token would re-serialize every conversation each time:
-  // batch them (a fraction of a second at most can be lost, and pagehide flushes it).
+  // While streaming, a save per token would re-serialize the conversation each time: batch
+  // them (a fraction of a second at most can be lost, and pagehide flushes it).
   function saveSoon() { if (!saveTimer) saveTimer = setTimeout(saveNow, 200); }
+
+  function notice(text, isError) {
+    const el = $("notice");
+    el.textContent = text;
+    el.classList.toggle("error", !!isError);
+    el.hidden = false;
+    clearTimeout(noticeTimer);
+    noticeTimer = setTimeout(() => { el.hidden = true; }, 15000);
+  }
+  const hideNotice = () => { $("notice").hidden = true; };
 
   // ---------- rendering ----------
 
@@ -44,18 +76,21 @@
       li.className = "conversation" + (c.id === currentId ? " active" : "");
       li.dataset.id = c.id;
       li.setAttribute("data-testid", "conversation");
-      const title = document.createElement("span");
+      const name = c.title || "New chat";
+      const title = document.createElement("button");   // a button: reachable with Tab, Enter opens
+      title.type = "button";
       title.className = "title";
-      title.textContent = c.title || "New chat";
+      title.textContent = name;
       title.title = c.title || "";
+      if (c.id === currentId) title.setAttribute("aria-current", "true");
+      title.addEventListener("click", () => openConversation(c.id));
       const del = document.createElement("button");
       del.type = "button";
       del.className = "delete";
       del.setAttribute("data-testid", "delete-conversation");
-      del.setAttribute("aria-label", "Delete conversation");
+      del.setAttribute("aria-label", "Delete conversation: " + name);
       del.textContent = "×";
-      del.addEventListener("click", (e) => { e.stopPropagation(); deleteConversation(c.id); });
-      li.addEventListener("click", () => openConversation(c.id));
+      del.addEventListener("click", () => deleteConversation(c.id));
       li.append(title, del);
       list.append(li);
     }
@@ -63,7 +98,7 @@
 
   function messageElement(msg) {
     const el = document.createElement("div");
-    el.className = "msg " + msg.role;
+    el.className = "msg " + msg.role + (msg.pending ? " pending" : "");
     const body = document.createElement("div");
     if (msg.role === "assistant") {
       el.dataset.raw = msg.content;   // the model's text as it came, before markdown
@@ -71,16 +106,19 @@
       // Markdown output is built from escaped text only (see markdown.js).
       body.innerHTML = window.renderMarkdown(msg.content);
       el.append(body);
-      if (msg.stats || msg.stopped) {
+      const notes = [msg.stats, msg.interrupted ? "interrupted" : "", msg.stopped ? "stopped" : "",
+                     msg.dropped ? msg.dropped + " oldest messages left out (context limit)" : ""].filter(Boolean);
+      if (notes.length) {
         const stats = document.createElement("div");
         stats.className = "reply-stats";
-        stats.textContent = [msg.stats, msg.stopped ? "stopped" : ""].filter(Boolean).join(" · ");
+        stats.textContent = notes.join(" · ");
         el.append(stats);
       }
     } else {
       body.className = "text";
       body.textContent = msg.content;   // user text and error messages: never parsed as HTML
       el.append(body);
+      if (msg.pending) el.title = "Not sent yet: waiting for the server";
     }
     return el;
   }
@@ -137,192 +175,110 @@
   function deleteConversation(id) {
     if (id === currentId) { stop(); currentId = null; }
     conversations = conversations.filter((c) => c.id !== id);
+    dirty.delete(id);
+    S.removeConversation(id);
     saveNow();
     renderList();
     renderMessages();
   }
 
-  // ---------- sending ----------
+  // ---------- the composer ----------
 
-  // The whole history goes with every request (system prompt first), so the server's prefix
-  // cache can serve the earlier turns. Error lines are shown, never sent.
-  function requestMessages(conv) {
-    const msgs = [];
-    if (settings.system.trim()) msgs.push({ role: "system", content: settings.system });
-    for (const m of conv.messages) {
-      if (m.role === "user" || (m.role === "assistant" && m.content)) msgs.push({ role: m.role, content: m.content });
-    }
-    return msgs;
+  const prompt = $("prompt");
+  function setDraft(text) {
+    prompt.value = text;
+    if (text) S.trySet(KEYS.draft, text); else S.remove(KEYS.draft);
+  }
+  // The unsent text goes back into the composer (unless it is there already).
+  function restoreText(text) {
+    if (!prompt.value.includes(text)) setDraft(prompt.value.trim() ? text + "\n\n" + prompt.value : text);
+  }
+  // Takes a pending turn out of its conversation (and the conversation, if nothing is left).
+  function unsend(conv, turn) {
+    const i = conv.messages.indexOf(turn);
+    if (i >= 0) conv.messages.splice(i, 1);
+    if (conv.messages.length) { touch(conv); return; }
+    conversations = conversations.filter((c) => c !== conv);
+    S.removeConversation(conv.id);
+    dirty.delete(conv.id);
+    if (currentId === conv.id) currentId = null;
   }
 
-  function number(value, fallback) {
-    const n = Number(value);
-    return value === "" || !Number.isFinite(n) ? fallback : n;
-  }
-
-  async function send() {
-    const prompt = $("prompt");
-    const text = prompt.value;
-    if (!text.trim() || controller) return;
-    let conv = current();
-    if (!conv) {
-      conv = { id: Date.now().toString(36) + Math.random().toString(36).slice(2, 7),
-               title: text.trim().split("\n")[0].slice(0, 60), messages: [], updated: Date.now() };
+  window.TMChat = { conversations: () => conversations, current, touch, saveNow, saveSoon, notice,
+    hideNotice, setBusy, renderList, renderMessages, messageElement, markNewestReply, scrollIfNearBottom,
+    restoreText, unsend, setDraft, settings, DEFAULTS, TAB, prompt,
+    saveSettings: () => S.trySet(KEYS.settings, JSON.stringify(settings)),
+    getController: () => controller, setController: (c, conv) => { controller = c; active = c ? conv : null; },
+    newConversation: (title) => {
+      const conv = { id: Date.now().toString(36) + Math.random().toString(36).slice(2, 7),
+                     title, messages: [], updated: Date.now() };
       conversations.push(conv);
       currentId = conv.id;
+      return conv;
+    } };
+
+  function stop() { if (controller) controller.abort(); }
+
+  // ---------- a reload, other tabs ----------
+
+  // A turn still pending when this tab went away (a reload during a capacity or rate-limit
+  // wait) was never accepted. It is NOT resent by itself (a reload is often how one gives up
+  // on a wait, and a send nobody pressed could land much later): the turn is removed, its text
+  // goes back into the composer, and a notice says so. Another tab's pending turn is left
+  // alone unless it is over 10 minutes old (a tab that is gone). A reply that was streaming
+  // when this tab went away is marked interrupted.
+  function recoverAfterReload() {
+    let unsent = false;
+    for (const conv of [...conversations]) {
+      for (const m of [...conv.messages]) {
+        if (m.streaming === TAB) { delete m.streaming; m.interrupted = true; touch(conv); }
+        if (!m.pending) continue;
+        const mine = m.pending === TAB || m.pending === true;
+        if (!mine && Date.now() - (m.at || 0) < 10 * 60 * 1000) continue;
+        unsend(conv, m);
+        if (mine) { restoreText(m.content); unsent = true; }
+      }
     }
-    conv.messages.push({ role: "user", content: text });
-    conv.updated = Date.now();
-    prompt.value = "";
-    localStorage.removeItem(STORE.draft);
-    saveNow();
+    if (unsent) notice("Not sent yet: your message is back in the box below. Press Send to send it.", false);
+    if (dirty.size) saveNow();
+  }
+
+  function onStorage(e) {
+    const ch = S.change(e);
+    if (!ch) return;
+    if (ch.all) {
+      const keep = active ? [active] : [];
+      conversations = keep.concat(S.loadAll().conversations.filter((c) => !active || c.id !== active.id));
+    } else if (!active || ch.id !== active.id) {   // the conversation being written here wins
+      const i = conversations.findIndex((c) => c.id === ch.id);
+      if (!ch.conv) {
+        if (i >= 0) conversations.splice(i, 1);
+        if (currentId === ch.id) currentId = null;
+      } else if (i < 0) conversations.push(ch.conv);
+      else if (!(conversations[i].updated > ch.conv.updated)) { conversations[i] = ch.conv; dirty.delete(ch.id); }
+    }
     renderList();
-    renderMessages();
-    await generate(conv);
-  }
-
-  async function generate(conv) {
-    controller = new AbortController();
-    const mine = controller;
-    setBusy(true);
-    const body = {
-      model: settings.model || $("model").value, messages: requestMessages(conv), stream: true,
-      stream_options: { include_usage: true },
-      temperature: number(settings.temperature, DEFAULTS.temperature),
-      top_p: number(settings.topP, DEFAULTS.topP),
-      max_tokens: Math.round(number(settings.maxTokens, DEFAULTS.maxTokens)),
-    };
-    const reply = { role: "assistant", content: "" };
-    let tSend = performance.now(), tFirst = 0, chunks = 0, usage = null, live = null;
-    try {
-      const res = await window.TM.apiFetch("/v1/chat/completions", {
-        method: "POST", body, signal: mine.signal, onAttempt: () => { tSend = performance.now(); },
-      });
-      // The server let us in: only now does the reply exist (a refused try leaves no trace).
-      conv.messages.push(reply);
-      const el = messageElement(reply);
-      el.classList.add("streaming");
-      $("messages").append(el);
-      live = el.querySelector(".content");
-      markNewestReply();
-
-      const reader = res.body.getReader();
-      const decoder = new TextDecoder();
-      let buffer = "";
-      read: for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffer += decoder.decode(value, { stream: true });
-        const lines = buffer.split("\n");
-        buffer = lines.pop();   // an incomplete line waits for the next read
-        for (const raw of lines) {
-          const line = raw.trim();
-          if (!line.startsWith("data:")) continue;
-          const data = line.slice(5).trim();
-          if (data === "[DONE]") break read;
-          const chunk = JSON.parse(data);
-          // A streamed error replaces a chunk (OpenAI's shape): keep what came, show the error.
-          if (chunk.error) throw new window.TM.ApiError(chunk.error.message || String(chunk.error), 500);
-          if (chunk.usage) usage = chunk.usage;
-          const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
-          if (delta && delta.content) {
-            if (!tFirst) tFirst = performance.now();
-            chunks += 1;
-            reply.content += delta.content;
-            live.textContent = reply.content;   // plain text while streaming; markdown at the end
-            saveSoon();
-            scrollIfNearBottom();
-          }
-        }
-      }
-      reply.stats = replyStats(tSend, tFirst, performance.now(), usage ? usage.completion_tokens : chunks);
-    } catch (e) {
-      if (e && e.name === "AbortError") {
-        if (conv.messages.includes(reply)) reply.stopped = true;
-      } else {
-        conv.messages.push({ role: "error", content: (e && e.message) || String(e) });
-      }
-    } finally {
-      if (!reply.content && conv.messages.includes(reply) && !reply.stopped && !reply.stats) {
-        conv.messages.splice(conv.messages.indexOf(reply), 1);
-      }
-      conv.updated = Date.now();
-      if (controller === mine) controller = null;
-      setBusy(false);
-      saveNow();
-      if (current() === conv) renderMessages();
-    }
-  }
-
-  // TTFT: first content delta minus the send of the try that got in. Tokens/s: completion
-  // tokens (from usage) over the streaming time, first token to end; for a reply that came in
-  // one piece that time is ~0, so the whole request time is used instead.
-  function replyStats(tSend, tFirst, tEnd, tokens) {
-    if (!tFirst) return "no tokens";
-    let secs = (tEnd - tFirst) / 1000;
-    if (secs < 0.001) secs = (tEnd - tSend) / 1000;
-    const parts = ["TTFT " + Math.round(tFirst - tSend) + " ms"];
-    if (secs > 0) parts.push((tokens / secs).toFixed(1) + " tok/s");
-    parts.push(tokens + (tokens === 1 ? " token" : " tokens"));
-    return parts.join(" · ");
-  }
-
-  function stop() {
-    if (controller) controller.abort();
-  }
-
-  // ---------- models and settings ----------
-
-  async function loadModels() {
-    const select = $("model");
-    try {
-      const res = await window.TM.apiFetch("/v1/models");
-      const ids = ((await res.json()).data || []).map((m) => m.id);
-      select.replaceChildren(...ids.map((id) => new Option(id, id)));
-      if (ids.includes(settings.model)) select.value = settings.model;
-      else { settings.model = ids[0] || ""; saveSettings(); }
-    } catch (e) {
-      select.replaceChildren(new Option("(models unavailable: " + ((e && e.message) || e) + ")", ""));
-    }
-  }
-
-  function saveSettings() { localStorage.setItem(STORE.settings, JSON.stringify(settings)); }
-
-  const SETTING_INPUTS = { model: "model", system: "system", temperature: "temperature",
-                           topP: "top-p", maxTokens: "max-tokens" };
-
-  function bindSettings() {
-    for (const [name, id] of Object.entries(SETTING_INPUTS)) {
-      const input = $(id);
-      if (name !== "model") input.value = settings[name];
-      const update = () => { settings[name] = input.value; saveSettings(); };
-      input.addEventListener("input", update);
-      input.addEventListener("change", update);
-    }
+    if (!active || active !== current()) renderMessages();
   }
 
   // ---------- wiring ----------
 
   const emptyState = $("empty-state");
-  const prompt = $("prompt");
-  prompt.value = localStorage.getItem(STORE.draft) || "";
-  prompt.addEventListener("input", () => localStorage.setItem(STORE.draft, prompt.value));
+  prompt.value = S.get(KEYS.draft) || "";
+  prompt.addEventListener("input", () => { if (prompt.value) S.trySet(KEYS.draft, prompt.value); else S.remove(KEYS.draft); });
   prompt.addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); window.TMSend.send(); }
   });
-  $("composer").addEventListener("submit", (e) => { e.preventDefault(); send(); });
+  $("composer").addEventListener("submit", (e) => { e.preventDefault(); window.TMSend.send(); });
   $("stop").addEventListener("click", stop);
   $("new-chat").addEventListener("click", newChat);
-  window.addEventListener("pagehide", () => { if (saveTimer) saveNow(); });
-  window.addEventListener("storage", (e) => {
-    // Another tab changed the conversations: pick them up unless this tab is mid-reply.
-    if (e.key === STORE.convs && !controller) { conversations = load(STORE.convs, []); renderList(); renderMessages(); }
-  });
+  $("notice").addEventListener("click", hideNotice);
+  window.addEventListener("pagehide", () => { if (saveTimer || dirty.size) saveNow(); });
+  window.addEventListener("storage", onStorage);
 
+  recoverAfterReload();
   if (currentId && !current()) currentId = null;
-  bindSettings();
   renderList();
   renderMessages();
-  setBusy(false);
-  loadModels();
+  setBusy(false);   // send.js binds the settings and loads the models
 })();

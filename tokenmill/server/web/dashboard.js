@@ -77,14 +77,28 @@
     };
   }
 
+  // Counters (the *_total figures, plain or one per label) and histograms' counts only grow
+  // while a server runs: ANY of them lower than before means it restarted (Prometheus' rate()
+  // treats a counter reset the same way).
+  function wentDown(cur, prev) {
+    for (const [name, v] of Object.entries(cur || {})) {
+      const p = prev[name];
+      if (p == null || v == null) continue;
+      if (v.buckets) {
+        if (v.count < p.count || (p.buckets && v.buckets.some(([, c], i) => p.buckets[i] && c < p.buckets[i][1]))) return true;
+      } else if (name.endsWith("_total")) {
+        if (typeof v === "number" ? v < p : Object.entries(v).some(([k, n]) => n < (p[k] || 0))) return true;
+      }
+    }
+    return false;
+  }
+
   function ingest(data) {
     const t = Number(data.time) || Date.now() / 1000;
     const models = data.models || {};
     const last = snapshots[snapshots.length - 1];
     // A counter that went down means the server restarted: start the history afresh.
-    const reset = last && Object.entries(models).some(([name, v]) => last.models[name] &&
-      (v.generation_tokens_total < last.models[name].generation_tokens_total ||
-       v.prompt_tokens_total < last.models[name].prompt_tokens_total));
+    const reset = last && Object.entries(models).some(([name, v]) => last.models[name] && wentDown(v, last.models[name]));
     if (reset || (last && t <= last.t)) { snapshots = []; for (const k of Object.keys(derived)) delete derived[k]; }
     snapshots.push({ t, models });
     while (snapshots.length > 2 && snapshots[0].t < t - SPAN_S - WINDOW_S - 5) snapshots.shift();

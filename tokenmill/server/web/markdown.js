@@ -17,28 +17,32 @@
     return String(s).replace(/[&<>"']/g, (c) => ESCAPES[c]);
   }
 
-  // Inline markup over an ESCAPED line. Code spans are cut out first (into placeholders made of
-  // \u0000, which cannot occur in the text: renderMarkdown strips it) so nothing inside them
-  // is turned into bold/italic/links.
-  function inline(escaped) {
-    const codes = [];
-    let s = escaped.replace(/`([^`]+)`/g, (_, code) => {
-      codes.push("<code>" + code + "</code>");
-      return "\u0000" + (codes.length - 1) + "\u0000";
-    });
-    // Links: the target must be http(s); it is already escaped, so it cannot close the attribute.
-    s = s.replace(/\[([^\]]+)\]\((https?:\/\/[^\s)]+)\)/g,
-      (_, text, url) => '<a href="' + url + '" target="_blank" rel="noopener noreferrer">' + text + "</a>");
+  // Bold and italic over escaped text (no markup in it but placeholders).
+  function emphasis(s) {
     s = s.replace(/\*\*(?=\S)([^*]*?\S)\*\*/g, "<strong>$1</strong>");
     s = s.replace(/(^|[^\w])__(?=\S)([^_]*?\S)__(?!\w)/g, "$1<strong>$2</strong>");
     s = s.replace(/(^|[^*\w])\*(?=\S)([^*]*?\S)\*(?!\*)/g, "$1<em>$2</em>");
-    s = s.replace(/(^|[^_\w])_(?=\S)([^_]*?\S)_(?![_\w])/g, "$1<em>$2</em>");
-    return s.replace(/\u0000(\d+)\u0000/g, (_, i) => codes[Number(i)]);
+    return s.replace(/(^|[^_\w])_(?=\S)([^_]*?\S)_(?![_\w])/g, "$1<em>$2</em>");
+  }
+
+  // Inline markup over an ESCAPED line. Code spans, then links, are cut out first (into
+  // placeholders made of \u0000, which cannot occur in the text: renderMarkdown strips it) so
+  // nothing inside them, nor in a link's generated markup (href, target), is turned into
+  // bold/italic. A link's text gets its own emphasis. Placeholders are restored last.
+  function inline(escaped) {
+    const slots = [];
+    const hold = (html) => { slots.push(html); return "\u0000" + (slots.length - 1) + "\u0000"; };
+    let s = escaped.replace(/`([^`]+)`/g, (_, code) => hold("<code>" + code + "</code>"));
+    // Links: the target must be http(s); it is already escaped, so it cannot close the attribute.
+    s = s.replace(/\[([^\]]+)\]\((https?:\/\/[^\s)]+)\)/g, (_, text, url) =>
+      hold('<a href="' + url + '" target="_blank" rel="noopener noreferrer">' + emphasis(text) + "</a>"));
+    const restore = (t) => t.replace(/\u0000(\d+)\u0000/g, (_, i) => restore(slots[Number(i)]));
+    return restore(emphasis(s));
   }
 
   const FENCE = /^\s*```\s*([\w+#.-]*)\s*$/;
   const BULLET = /^\s*[-*+]\s+(.*)$/;
-  const NUMBERED = /^\s*\d+[.)]\s+(.*)$/;
+  const NUMBERED = /^\s*(\d+)[.)]\s+(.*)$/;
   const HEADING = /^(#{1,6})\s+(.*)$/;
 
   function renderMarkdown(text) {
@@ -61,12 +65,23 @@
         out.push("<pre><code" + cls + ">" + escapeHtml(body.join("\n")) + "</code></pre>");
       } else if (BULLET.test(line) || NUMBERED.test(line)) {
         flush();
-        const re = BULLET.test(line) ? BULLET : NUMBERED;
+        const ordered = !BULLET.test(line);
+        const re = ordered ? NUMBERED : BULLET;
+        // An ordered list starts at its first number (<ol start>), so a list broken by a code
+        // block goes on counting where it was.
+        const first = ordered ? parseInt(re.exec(line)[1], 10) : 1;
         const items = [];
-        for (; i < lines.length && (m = re.exec(lines[i])); i++) items.push("<li>" + inline(escapeHtml(m[1])) + "</li>");
+        for (; i < lines.length; i++) {
+          if ((m = re.exec(lines[i]))) { items.push("<li>" + inline(escapeHtml(m[m.length - 1])) + "</li>"); continue; }
+          // Blank lines between two items keep the list going (a "loose" list).
+          let j = i;
+          while (j < lines.length && !lines[j].trim()) j++;
+          if (j === i || j === lines.length || !re.test(lines[j])) break;
+          i = j - 1;
+        }
         i--;
-        const tag = re === BULLET ? "ul" : "ol";
-        out.push("<" + tag + ">" + items.join("") + "</" + tag + ">");
+        const open = ordered ? (first !== 1 ? '<ol start="' + first + '">' : "<ol>") : "<ul>";
+        out.push(open + items.join("") + (ordered ? "</ol>" : "</ul>"));
       } else if ((m = HEADING.exec(line))) {
         flush();
         // Replies are not documents: headings start at h3 so they do not shout.
