@@ -21,8 +21,8 @@ from tokenmill.engine.stats import EngineStats
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.tokenizer import load_tokenizer
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
-from tokenmill.structured.grammars import GrammarCache
-from tokenmill.structured.matcher import GrammarState, matches_nothing
+from tokenmill.structured.grammars import GrammarCache, GrammarMatchesNothing
+from tokenmill.structured.matcher import GrammarState
 from tokenmill.structured.params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
@@ -166,10 +166,10 @@ class LLMEngine:
     def grammar_problem(compiled: Future) -> Optional[str]:
         """Why a compiled grammar (a done future) cannot constrain a request, or None."""
         error = compiled.exception()
+        if isinstance(error, GrammarMatchesNothing):
+            return f"structured_outputs: {error}"
         if error is not None:  # check() passed, so this is the grammar engine failing
             return f"structured_outputs: compiling the grammar failed: {error}"
-        if matches_nothing(compiled.result()):
-            return "structured_outputs: the grammar matches no output at all"
         return None
 
     def _admit_compiled(self) -> None:

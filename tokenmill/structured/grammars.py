@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import xgrammar as xgr
 
+from tokenmill.structured.matcher import matches_nothing
 from tokenmill.structured.params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,10 @@ _SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
 _SCHEMA_ONES = ("items", "additionalProperties", "propertyNames", "unevaluatedProperties")
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: ".
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
+
+
+class GrammarMatchesNothing(ValueError):
+    """A grammar whose first mask leaves no token (say the regex `[^\\s\\S]`)."""
 
 
 def unsupported_schema_part(schema: Any, path: str = "#", depth: int = 0) -> str | None:
@@ -188,6 +193,8 @@ class GrammarCache:
 
     def _compile(self, params: StructuredOutputsParams, grammar: Optional[xgr.Grammar] = None) -> xgr.CompiledGrammar:
         compiled = self.compiler.compile_grammar(grammar if grammar is not None else build_grammar(params))
+        if matches_nothing(compiled):  # checked once here, not on every request that reuses it
+            raise GrammarMatchesNothing("the grammar matches no output at all")
         logger.debug("compiled a %s grammar", params.kind)
         return compiled
 
