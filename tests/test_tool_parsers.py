@@ -228,10 +228,19 @@ def test_structural_tag_named(compiler):
     assert (c.name, json.loads(c.arguments)) == ("get_weather", {"city": "Paris", "days": 2})
     with pytest.raises(ValueError, match="'missing'.*get_weather, now"):
         P.structural_tag(TOOLS, {"type": "function", "function": {"name": "missing"}})
-    with pytest.raises(ValueError, match="auto"):
-        P.structural_tag(TOOLS, "auto")
+    with pytest.raises(ValueError, match="not constrained"):
+        P.structural_tag(TOOLS, "none")
     with pytest.raises(ValueError, match="at least one"):
         P.structural_tag([], "required")
+
+
+def test_structural_tag_auto_frees_the_text_and_holds_the_calls(compiler):
+    tag = P.structural_tag(TOOLS, "auto")
+    assert accepts(compiler, tag, "Just text, no call.")
+    assert accepts(compiler, tag, "Let me check. " + WEATHER)
+    assert not accepts(compiler, tag, "Let me check. " + WEATHER.replace('"Paris"', "3"))  # a call follows its schema
+    single = P.structural_tag(TOOLS, "auto", parallel=False)
+    assert not accepts(compiler, single, WEATHER + " and " + NOW)
 
 
 def test_structural_tag_generated_text_parses_back(compiler, info, tok):

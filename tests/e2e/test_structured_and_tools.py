@@ -220,3 +220,14 @@ def test_models_list_the_fields_and_every_refused_one_is_a_400(server):
         value = {"metadata": {"k": "v"}, "store": False, "parallel_tool_calls": True}.get(name, "x")
         r = httpx.post(f"{server.url}/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2, name: value})
         assert r.status_code == 200, (name, r.text)
+
+
+def test_auto_with_a_strict_function_holds_its_calls_to_the_schema(client):
+    strict = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
+    # Served with the grammar (free text, schema-bound calls; tests/test_tool_parsers.py checks the
+    # grammar itself): whatever the model writes, any call it makes follows the schema.
+    r = client.chat.completions.create(model="demo", messages=ASK, tools=[strict], tool_choice="auto",
+                                       max_tokens=60, temperature=0.7, seed=3)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    for call in r.choices[0].message.tool_calls or []:
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])

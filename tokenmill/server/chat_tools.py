@@ -57,7 +57,11 @@ def plan_tools(body: ChatCompletionRequest, settings: ToolSettings) -> ToolPlan:
         if not settings.enable_auto_tool_choice:
             raise BadRequest('"auto" tool choice requires the server to run with --enable-auto-tool-choice and '
                              "--tool-call-parser", param="tool_choice")
-        return ToolPlan(tools, get_tool_parser(settings.tool_call_parser), parallel=parallel)
+        parser = get_tool_parser(settings.tool_call_parser)
+        # A strict function's calls follow its schema; the rest of the reply stays free.
+        strict = any(t.function.strict for t in body.tools)
+        tag = StructuredOutputsParams(structural_tag=parser.structural_tag(tools, "auto", parallel)) if strict else None
+        return ToolPlan(tools, parser, tag, parallel)
     if body.stop:
         # A stop string would cut the call the grammar holds the reply to.
         what = choice if isinstance(choice, str) else "naming a function"

@@ -268,8 +268,8 @@ class HermesToolParser(ToolParser):
     def structural_tag(self, tools: list[dict], tool_choice: Union[str, dict], parallel: bool = True) -> dict:
         """An xgrammar structural tag ({"type": "structural_tag", "format": ...}) for tool_choice
         "required" (one or more calls of the listed functions separated by "\\n", and no other text;
-        exactly one unless parallel) or {"type": "function", "function": {"name": f}} (exactly one
-        call of f)."""
+        exactly one unless parallel), "auto" (any text, and calls that follow their schemas), or
+        {"type": "function", "function": {"name": f}} (exactly one call of f)."""
         tags: dict[str, dict] = {}
         for tool in tools:
             fn = tool.get("function", {})
@@ -288,6 +288,10 @@ class HermesToolParser(ToolParser):
                 raise ValueError('tool_choice "required" needs at least one function tool')
             fmt = {"type": "tags_with_separator", "tags": list(tags.values()), "separator": "\n",
                    "at_least_one": True, "stop_after_first": not parallel}
+        elif tool_choice == "auto":
+            # Free text, but a call, once begun, follows its function's schema (OpenAI's strict).
+            fmt = {"type": "triggered_tags", "triggers": [START], "tags": list(tags.values()),
+                   "stop_after_first": not parallel}
         elif isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
             name = tool_choice.get("function", {}).get("name")
             if name not in tags:
@@ -295,7 +299,7 @@ class HermesToolParser(ToolParser):
                                  f"({', '.join(tags) or 'none'})")
             fmt = tags[name]
         else:
-            raise ValueError(f'tool_choice {tool_choice!r} is not constrained: only "required" or '
+            raise ValueError(f'tool_choice {tool_choice!r} is not constrained: only "auto", "required" or '
                              '{"type": "function", "function": {"name": ...}} have a structural tag')
         return {"type": "structural_tag", "format": fmt}
 
