@@ -216,6 +216,9 @@ def test_models_list_the_fields_and_every_refused_one_is_a_400(server):
     for name in fields["refused"]:
         r = httpx.post(f"{server.url}/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2, name: 1})
         assert r.status_code == 400 and r.json()["error"]["param"] == name, (name, r.text)
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2, "stream": True,
+                                                         "stream_options": {"continuous_usage_stats": True}})
+    assert r.status_code == 400 and "continuous_usage_stats" in r.text, r.text
     for name in completions["accepted_without_effect"]:
         value = {"metadata": {"k": "v"}, "store": False, "parallel_tool_calls": True}.get(name, "x")
         r = httpx.post(f"{server.url}/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2, name: value})

@@ -24,6 +24,8 @@ class BadRequest(InvalidRequest):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # e.g. vLLM's continuous_usage_stats: refused, not ignored
+
     include_usage: bool = False
 
 
