@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 
+from typing import TYPE_CHECKING
+
 from tokenmill.router.config import POLICIES, RouterConfig
+
+if TYPE_CHECKING:
+    from tokenmill.router.discovery import Discovery
+    from tokenmill.router.replicas import Replica
 
 logger = logging.getLogger(__name__)
 
@@ -15,7 +21,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replica", action="append", default=[], metavar="URL[,region=R][,weight=W]",
                    help="a `tokenmill serve` replica (repeatable)")
     p.add_argument("--replicas-file", default=None, metavar="FILE",
-                   help="more replicas, one URL[,region=R][,weight=W] a line (# comments)")
+                   help="more replicas, one URL[,region=R][,weight=W] a line (# comments); re-read when it changes")
+    p.add_argument("--replicas-dns", action="append", default=[], metavar="HOST:PORT[,region=R][,weight=W]",
+                   help="a DNS name with one address per replica (a Kubernetes headless Service), "
+                        "resolved again every --discovery-interval (repeatable)")
+    p.add_argument("--discovery-interval", type=float, default=d.discovery_interval_s,
+                   help="seconds between re-reads of --replicas-file and lookups of --replicas-dns")
     p.add_argument("--policy", default=d.policy, choices=POLICIES)
     p.add_argument("--region", default=None,
                    help="this router's region: preferred for requests without an x-tokenmill-region header")
@@ -30,6 +41,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="seconds a health check may take before the replica counts as down")
     p.add_argument("--upstream-timeout", type=float, default=d.upstream_timeout_s,
                    help="seconds to wait for any read from a replica (bounds a non-streamed generation)")
+    p.add_argument("--kv-full-threshold", type=float, default=d.kv_full_threshold,
+                   help="a replica with waiting requests and this fraction of its KV cache held is tried last")
+    p.add_argument("--api-key", default=None,
+                   help="refuse requests without this key (as `tokenmill serve --api-key`); forwarded to the replicas")
+    p.add_argument("--api-keys-file", default=None,
+                   help="the replicas' keys file: requests with a key it lacks are refused at the router")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
 
@@ -38,19 +55,30 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(policy=args.policy, region=args.region, cache_threshold=args.cache_threshold,
                         balance_abs_threshold=args.balance_abs_threshold,
                         balance_rel_threshold=args.balance_rel_threshold, health_interval_s=args.health_interval,
-                        health_timeout_s=args.health_timeout, upstream_timeout_s=args.upstream_timeout)
+                        health_timeout_s=args.health_timeout, upstream_timeout_s=args.upstream_timeout,
+                        discovery_interval_s=args.discovery_interval, kv_full_threshold=args.kv_full_threshold,
+                        api_key=args.api_key, api_keys_file=args.api_keys_file)
+
+
+def discovery_from_args(args: argparse.Namespace) -> "tuple[list[Replica], Discovery]":
+    """The replicas to start with, and the sources looked at again while the router runs. The
+    file is read here too, so a bad one stops the router at start rather than later."""
+    from tokenmill.router.discovery import Discovery, DnsTarget
+    from tokenmill.router.replicas import Replica, read_replicas_file
+
+    static = [Replica.parse(spec) for spec in args.replica]
+    from_file = read_replicas_file(args.replicas_file) if args.replicas_file else []
+    dns = [DnsTarget.parse(spec) for spec in args.replicas_dns]
+    return static + from_file, Discovery(static, args.replicas_file, dns)
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from tokenmill.router.proxy import build_app
-    from tokenmill.router.replicas import Replica, read_replicas_file
 
-    replicas = [Replica.parse(spec) for spec in args.replica]
-    if args.replicas_file:
-        replicas += read_replicas_file(args.replicas_file)
-    app = build_app(config_from_args(args), replicas)
+    config = config_from_args(args)
+    app = build_app(config, *discovery_from_args(args))
     logger.info("router on http://%s:%d", args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Optional, TypeVar
 
+import anyio
 import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -17,9 +18,11 @@ from tokenmill.router.config import RouterConfig
 from tokenmill.router.metrics import RouterMetrics
 from tokenmill.router.policy import Policy
 from tokenmill.router.prompt_text import CHAT_PATH, ReplyCollector, answered_text, request_text
-from tokenmill.router.replicas import ReplicaSet
+from tokenmill.router.replicas import Replica, ReplicaSet
 from tokenmill.router.upstream import AttemptFailed, RelayResponse, Upstream, request_headers
+from tokenmill.server.api_keys import KeyStore
 from tokenmill.server.errors import error_body
+from tokenmill.server.refusal import Refusal
 
 logger = logging.getLogger(__name__)
 
@@ -31,26 +34,42 @@ class ClientGone(Exception):
     """The client disconnected while the router waited on a replica."""
 
 
+class ReplicaLost(Exception):
+    """The replica failed its health checks while the router waited on it."""
+
+
 async def _disconnected(request: Request) -> None:
     # The body is read already, so the next ASGI message is the disconnect.
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """`work`, cancelled (and ClientGone raised) if the client goes away first: a non-streamed
-    reply arrives whole at the end, so without this a replica would generate it for nobody."""
-    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_disconnected(request))
+async def _race(work: Awaitable[T], replica: Replica, request: Optional[Request] = None) -> T:
+    """`work`, given up when the replica is found down while it runs (ReplicaLost: a hung
+    replica would otherwise hold the request for the whole upstream timeout), or when the client
+    goes away (ClientGone: a non-streamed reply arrives whole at the end, so without this a
+    replica would generate it for nobody)."""
+    task = asyncio.ensure_future(work)
+    lost = asyncio.ensure_future(replica.lost.wait())
+    gone = asyncio.ensure_future(_disconnected(request)) if request is not None else None
+    waiters = {task, lost} | ({gone} if gone is not None else set())
     try:
-        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        gone.cancel()
+        for waiter in (lost, gone):
+            if waiter is not None:
+                waiter.cancel()
         if not task.done():
             task.cancel()
-            with contextlib.suppress(BaseException):
+            # Shielded: when this runs because the request itself is being cancelled (the client
+            # left mid-stream), the wait must still see `work` end, or closing the stream it
+            # reads would find it running and fail, leaving the replica generating for nobody.
+            with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
                 await task
     if task in done:
         return task.result()
+    if lost in done:
+        raise ReplicaLost
     raise ClientGone
 
 
@@ -61,15 +80,28 @@ def _error(status: int, message: str, code: str, retry_after: Optional[int] = No
 
 class Forwarder:
     def __init__(self, config: RouterConfig, fleet: ReplicaSet, policy: Policy, metrics: RouterMetrics,
-                 client: httpx.AsyncClient) -> None:
+                 client: httpx.AsyncClient, keys: Optional[KeyStore] = None) -> None:
         self.config = config
+        self.keys = keys or KeyStore()
         self.fleet = fleet
         self.policy = policy
         self.metrics = metrics
         self.client = client
 
+    def refused(self, request: Request) -> Optional[Response]:
+        """The 401 for a request whose key the router's keys file does not hold, or None. The
+        Authorization header goes on to the replica, which applies that key's quotas."""
+        try:
+            self.keys.authenticate(request.headers.get("authorization"))
+        except Refusal as r:
+            self.metrics.refusals.labels("auth").inc()
+            return JSONResponse(r.to_openai_body(), status_code=r.status)
+        return None
+
     async def generate(self, request: Request, path: str) -> Response:
         """POST /v1/completions or /v1/chat/completions, relayed to the first replica that takes it."""
+        if (refusal := self.refused(request)) is not None:
+            return refusal
         raw = await request.body()
         try:
             body: Any = json.loads(raw)
@@ -91,7 +123,14 @@ class Forwarder:
         for i, replica in enumerate(route.candidates):
             up = Upstream(self.client, replica)
             try:
-                await _unless_disconnected(request, up.open("POST", path, raw, headers, stream))
+                await _race(up.open("POST", path, raw, headers, stream), replica, request)
+            except ReplicaLost:
+                await up.close()
+                self.metrics.retries.labels(replica.url, "replica_lost").inc()
+                last_failure = f"{replica.url}: {replica.last_error}"
+                logger.info("%s: %s failed its health check while answering; trying the next replica", path,
+                            replica.url)
+                continue
             except AttemptFailed as f:
                 await up.close()
                 self.metrics.retries.labels(replica.url, f.reason).inc()
@@ -156,12 +195,14 @@ class Forwarder:
             while event is not None:
                 collector.feed_event(event)
                 yield event
-                event = await anext(up.events, None)
+                event = await _race(anext(up.events, None), up.replica)
             if not collector.done:
                 failure = "the replica ended the stream without [DONE]"
         except httpx.HTTPError as e:
             failure = f"{type(e).__name__}: {e}"
             self.fleet.mark_failed(up.replica, f"mid-stream: {failure}")
+        except ReplicaLost:
+            failure = f"the replica failed its health check ({up.replica.last_error})"
         finally:
             await up.close()
         if failure is not None:
@@ -177,6 +218,8 @@ class Forwarder:
 
     async def models(self, request: Request) -> Response:
         """GET /v1/models from the least-loaded healthy replica (they serve the same models)."""
+        if (refusal := self.refused(request)) is not None:
+            return refusal
         headers = request_headers(request)
         for replica in sorted(self.fleet.healthy(), key=lambda r: r.load):
             up = Upstream(self.client, replica)

@@ -8,11 +8,11 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from tokenmill.router.replicas import ReplicaSet
+from tokenmill.router.replicas import Replica, ReplicaSet
 
 PREFIX = "tokenmill_router:"
-RETRY_REASONS = ("connect_error", "timeout", "server_error", "at_capacity", "stream_start")
-REFUSAL_REASONS = ("at_capacity", "no_healthy_replica", "replicas_failed", "bad_request")
+RETRY_REASONS = ("connect_error", "timeout", "server_error", "at_capacity", "stream_start", "replica_lost")
+REFUSAL_REASONS = ("at_capacity", "no_healthy_replica", "replicas_failed", "bad_request", "auth")
 
 
 class _ReplicaGauges(Collector):
@@ -55,9 +55,14 @@ class RouterMetrics:
         for reason in REFUSAL_REASONS:
             self.refusals.labels(reason)
         for replica in replicas.replicas:
-            self.requests.labels(replica.url)
-            self.affinity_hits.labels(replica.url)
-            self.stream_failures.labels(replica.url)
-            for reason in RETRY_REASONS:
-                self.retries.labels(replica.url, reason)
+            self.track(replica)
+        replicas.on_added.append(self.track)  # replicas found later, by --replicas-file or --replicas-dns
         r.register(_ReplicaGauges(replicas))
+
+    def track(self, replica: Replica) -> None:
+        """Create the replica's series at 0, so a rate() over them starts from its first scrape."""
+        self.requests.labels(replica.url)
+        self.affinity_hits.labels(replica.url)
+        self.stream_failures.labels(replica.url)
+        for reason in RETRY_REASONS:
+            self.retries.labels(replica.url, reason)

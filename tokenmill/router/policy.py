@@ -1,7 +1,9 @@
 """Which replica a request goes to: round-robin, least-load, or cache-aware (SGLang's router).
 
 Every policy returns the healthy replicas in the order to try them: those in the request's
-region first, the others after (they are tried only when none in the region can take it).
+region with room first, then those elsewhere with room, then the full ones (a replica queueing
+with its KV cache full would only queue the request or refuse it; it is still tried last, since
+its gauges are up to one poll old and its own 503 is the last word).
 """
 from __future__ import annotations
 
@@ -45,7 +47,9 @@ class Policy:
         remote = [r for r in healthy if region is not None and r.region != region]
         first, affinity = self.order(local, prompt)
         rest, _ = self.order(remote, prompt)
-        return Route(first + rest, affinity and bool(first))
+        kv_full = self.config.kv_full_threshold
+        ordered = [r for r in first + rest if r.has_room(kv_full)] + [r for r in first + rest if not r.has_room(kv_full)]
+        return Route(ordered, affinity and bool(first) and ordered[0] is first[0])
 
     def order(self, group: list[Replica], prompt: str) -> tuple[list[Replica], bool]:
         """One region group's replicas in the order to try them, and whether the first is there

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Optional
 
 import httpx
 from fastapi import FastAPI, Request
@@ -14,21 +14,26 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenmill.router.config import RouterConfig
+from tokenmill.router.discovery import Discovery
 from tokenmill.router.forward import Forwarder
 from tokenmill.router.metrics import RouterMetrics
 from tokenmill.router.policy import make_policy
 from tokenmill.router.replicas import Replica, ReplicaSet
+from tokenmill.server.api_keys import KeyStore
 from tokenmill.server.errors import error_body
 
 logger = logging.getLogger(__name__)
 
 
-def build_app(config: RouterConfig, replicas: list[Replica]) -> FastAPI:
-    """The router in front of `replicas`. Its health poller and HTTP client live with the app
-    (started and stopped by its lifespan); app.state holds fleet, policy, metrics for inspection."""
-    fleet = ReplicaSet(replicas, config.health_interval_s, config.health_timeout_s)
+def build_app(config: RouterConfig, replicas: list[Replica], discovery: Optional[Discovery] = None) -> FastAPI:
+    """The router in front of `replicas` (and those `discovery` finds, looked for again every
+    config.discovery_interval_s). Its health poller and HTTP client live with the app (started
+    and stopped by its lifespan); app.state holds fleet, policy, metrics for inspection."""
+    fleet = ReplicaSet(replicas, config.health_interval_s, config.health_timeout_s, discovery,
+                       config.discovery_interval_s)
     policy = make_policy(config)
     metrics = RouterMetrics(fleet)
+    keys = KeyStore.from_config(config.api_key, config.api_keys_file)  # a bad file fails here, at start
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -38,7 +43,7 @@ def build_app(config: RouterConfig, replicas: list[Replica]) -> FastAPI:
                                                          pool=None),
                                    limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
                                    trust_env=False)
-        app.state.forwarder = Forwarder(config, fleet, policy, metrics, client)
+        app.state.forwarder = Forwarder(config, fleet, policy, metrics, client, keys)
         await fleet.start()
         logger.info("routing to %d replicas (%d healthy) with policy %s", len(fleet.replicas),
                     len(fleet.healthy()), config.policy)
@@ -79,8 +84,12 @@ def build_app(config: RouterConfig, replicas: list[Replica]) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/replicas")
-    async def replica_table() -> dict[str, Any]:
-        return {"policy": config.policy, "region": config.region,
-                "replicas": [r.describe() for r in fleet.replicas]}
+    async def replica_table(request: Request) -> Response:
+        # The table names the replicas' addresses: with keys on, only key holders see it.
+        # /health and /metrics stay open, as on the replicas, for probes and Prometheus.
+        if (refusal := request.app.state.forwarder.refused(request)) is not None:
+            return refusal
+        return JSONResponse({"policy": config.policy, "region": config.region,
+                             "replicas": [r.describe() for r in fleet.replicas]})
 
     return app

@@ -10,12 +10,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from tokenmill.router.discovery import Discovery
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +41,10 @@ class Replica:
     in_flight: int = 0  # requests the router has sent and not yet seen finish
     last_error: Optional[str] = None
     checked_at: Optional[float] = None  # time.time() of the last check
+    # Set when a health check fails: requests waiting on the replica stop waiting and move on
+    # (a hung replica would otherwise hold them for the whole upstream timeout). A new Event
+    # once it is healthy again.
+    lost: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/")
@@ -51,22 +59,15 @@ class Replica:
         requests sent since the last poll, which the replica's gauges do not show yet."""
         return (self.running + self.waiting + self.in_flight) / self.weight
 
+    def has_room(self, kv_full: float) -> bool:
+        """False when the replica is queueing requests with its KV cache (nearly) full: it would
+        only add this one to the queue, or refuse it."""
+        return not (self.waiting > 0 and self.kv_cache_usage >= kv_full)
+
     @classmethod
     def parse(cls, spec: str) -> "Replica":
         """`URL[,region=R][,weight=W]`, as --replica and the replicas file write it."""
-        url, *options = [part.strip() for part in spec.strip().split(",")]
-        fields: dict[str, object] = {}
-        for option in options:
-            key, sep, value = option.partition("=")
-            if not sep or key not in ("region", "weight") or not value:
-                raise ValueError(f"bad replica option {option!r} in {spec!r}: expected region=R or weight=W")
-            if key == "weight":
-                try:
-                    fields["weight"] = float(value)
-                except ValueError:
-                    raise ValueError(f"replica weight must be a number; got {value!r} in {spec!r}") from None
-            else:
-                fields["region"] = value
+        url, fields = split_spec(spec)
         return cls(url, **fields)  # type: ignore[arg-type]
 
     def describe(self) -> dict[str, object]:
@@ -74,6 +75,24 @@ class Replica:
                 "running": self.running, "waiting": self.waiting, "kv_cache_usage": self.kv_cache_usage,
                 "in_flight": self.in_flight, "load": self.load, "last_error": self.last_error,
                 "checked_at": self.checked_at}
+
+
+def split_spec(spec: str) -> tuple[str, dict[str, object]]:
+    """`WHERE[,region=R][,weight=W]` into WHERE and the options (--replica, --replicas-dns, files)."""
+    where, *options = [part.strip() for part in spec.strip().split(",")]
+    fields: dict[str, object] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in ("region", "weight") or not value:
+            raise ValueError(f"bad replica option {option!r} in {spec!r}: expected region=R or weight=W")
+        if key == "weight":
+            try:
+                fields["weight"] = float(value)
+            except ValueError:
+                raise ValueError(f"replica weight must be a number; got {value!r} in {spec!r}") from None
+        else:
+            fields["region"] = value
+    return where, fields
 
 
 def read_replicas_file(path: str) -> list[Replica]:
@@ -101,11 +120,12 @@ def parse_load(text: str) -> tuple[float, float, float]:
 
 
 class ReplicaSet:
-    """The fleet, and the task that keeps its health and load current."""
+    """The fleet, and the tasks that keep its membership, health and load current."""
 
-    def __init__(self, replicas: list[Replica], interval_s: float = 0.5, timeout_s: float = 1.0) -> None:
-        if not replicas:
-            raise ValueError("the router needs at least one replica (--replica URL or --replicas-file)")
+    def __init__(self, replicas: list[Replica], interval_s: float = 0.5, timeout_s: float = 1.0,
+                 discovery: Optional["Discovery"] = None, discovery_interval_s: float = 5.0) -> None:
+        if not replicas and (discovery is None or not discovery.dynamic):
+            raise ValueError("the router needs at least one replica (--replica URL, --replicas-file or --replicas-dns)")
         urls = [r.url for r in replicas]
         dup = sorted({u for u in urls if urls.count(u) > 1})
         if dup:
@@ -113,34 +133,70 @@ class ReplicaSet:
         self.replicas = replicas
         self.interval_s = interval_s
         self.timeout_s = timeout_s
+        self.discovery = discovery
+        self.discovery_interval_s = discovery_interval_s
+        self.on_added: list[Callable[[Replica], None]] = []  # e.g. metrics creating the replica's series
         self._client: Optional[httpx.AsyncClient] = None
-        self._task: Optional[asyncio.Task] = None
+        self._tasks: list[asyncio.Task] = []
 
     def healthy(self) -> list[Replica]:
         return [r for r in self.replicas if r.healthy]
 
     async def start(self) -> None:
-        """Check every replica once (so the first requests see real health), then keep polling."""
+        """Find and check every replica once (so the first requests see real health), then keep
+        polling, and keep looking for replicas when a source can change."""
         # trust_env=False: replicas are reached directly, never through a proxy from the environment.
         self._client = httpx.AsyncClient(timeout=self.timeout_s, trust_env=False)
+        if self.discovery is not None:
+            self.update(await self.discovery.current())
         await self.check_all()
-        self._task = asyncio.create_task(self._poll(), name="tokenmill-router-health")
+        self._tasks.append(asyncio.create_task(self._every(self.interval_s, self.check_all), name="router-health"))
+        if self.discovery is not None and self.discovery.dynamic:
+            self._tasks.append(asyncio.create_task(self._every(self.discovery_interval_s, self.rediscover),
+                                                   name="router-discovery"))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         if self._client is not None:
             await self._client.aclose()
 
-    async def _poll(self) -> None:
+    async def _every(self, interval_s: float, work: Callable[[], Awaitable[None]]) -> None:
         while True:
-            await asyncio.sleep(self.interval_s)
+            await asyncio.sleep(interval_s)
             try:
-                await self.check_all()
+                await work()
             except Exception:  # noqa: BLE001 - the poller must outlive any one bad round
-                logger.exception("health round failed")
+                logger.exception("router background round failed")
+
+    async def rediscover(self) -> None:
+        """Look at the sources again; replicas that joined are checked before they are used."""
+        assert self.discovery is not None
+        joined = self.update(await self.discovery.current())
+        await asyncio.gather(*(self.check(r) for r in joined))
+
+    def update(self, found: list[Replica]) -> list[Replica]:
+        """Make the fleet `found`, keeping the state (health, load, in-flight) of replicas it had.
+        A replica that left keeps serving the requests it has; it just gets no new ones."""
+        had = {r.url: r for r in self.replicas}
+        fleet, joined = [], []
+        for r in found:
+            old = had.get(r.url)
+            if old is None:
+                joined.append(r)
+                fleet.append(r)
+                logger.info("replica %s joined the fleet", r.url)
+                for callback in self.on_added:
+                    callback(r)
+            else:
+                old.region, old.weight = r.region, r.weight
+                fleet.append(old)
+        for url in had.keys() - {r.url for r in found}:
+            logger.info("replica %s left the fleet", url)
+        self.replicas = fleet
+        return joined
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(r) for r in self.replicas))
@@ -152,10 +208,10 @@ class ReplicaSet:
         try:
             health = await self._client.get(f"{replica.url}/health")
         except httpx.HTTPError as e:
-            self.mark_failed(replica, f"health check: {type(e).__name__}: {e}")
+            self.mark_failed(replica, f"health check: {type(e).__name__}: {e}", lost=True)
             return
         if health.status_code != 200:
-            self.mark_failed(replica, f"health check: HTTP {health.status_code}")
+            self.mark_failed(replica, f"health check: HTTP {health.status_code}", lost=True)
             return
         try:
             metrics = await self._client.get(f"{replica.url}/metrics")
@@ -166,14 +222,20 @@ class ReplicaSet:
             logger.debug("cannot read the load of %s: %s", replica.url, e)
         self.mark_healthy(replica)
 
-    def mark_failed(self, replica: Replica, reason: str) -> None:
+    def mark_failed(self, replica: Replica, reason: str, lost: bool = False) -> None:
+        """Out of the rotation. `lost` (a failed health check): also stop waiting on it. A
+        request's own failure (a refused connection, a 500) does not cut its neighbours short."""
         if replica.healthy:
             logger.warning("replica %s is down: %s", replica.url, reason)
         replica.healthy = False
         replica.last_error = reason
+        if lost:
+            replica.lost.set()
 
     def mark_healthy(self, replica: Replica) -> None:
         if not replica.healthy:
             logger.info("replica %s is healthy", replica.url)
+        if replica.lost.is_set():
+            replica.lost = asyncio.Event()
         replica.healthy = True
         replica.last_error = None
