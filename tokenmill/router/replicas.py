@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -137,45 +137,65 @@ class ReplicaSet:
         self.discovery_interval_s = discovery_interval_s
         self.on_added: list[Callable[[Replica], None]] = []  # e.g. metrics creating the replica's series
         self._client: Optional[httpx.AsyncClient] = None
-        self._tasks: list[asyncio.Task] = []
+        self._pollers: dict[str, asyncio.Task] = {}  # one health poller per replica, by URL
+        self._discovery_task: Optional[asyncio.Task] = None
 
     def healthy(self) -> list[Replica]:
         return [r for r in self.replicas if r.healthy]
 
     async def start(self) -> None:
         """Find and check every replica once (so the first requests see real health), then keep
-        polling, and keep looking for replicas when a source can change."""
+        polling each, and keep looking for replicas when a source can change."""
         # trust_env=False: replicas are reached directly, never through a proxy from the environment.
         self._client = httpx.AsyncClient(timeout=self.timeout_s, trust_env=False)
         if self.discovery is not None:
             self.update(await self.discovery.current())
         await self.check_all()
-        self._tasks.append(asyncio.create_task(self._every(self.interval_s, self.check_all), name="router-health"))
+        for r in self.replicas:
+            self._watch(r)
         if self.discovery is not None and self.discovery.dynamic:
-            self._tasks.append(asyncio.create_task(self._every(self.discovery_interval_s, self.rediscover),
-                                                   name="router-discovery"))
+            self._discovery_task = asyncio.create_task(self._rediscover_forever(), name="router-discovery")
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = list(self._pollers.values()) + ([self._discovery_task] if self._discovery_task else [])
+        for task in tasks:
             task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._pollers.clear()
         if self._client is not None:
             await self._client.aclose()
 
-    async def _every(self, interval_s: float, work: Callable[[], Awaitable[None]]) -> None:
+    def _watch(self, replica: Replica) -> None:
+        """Poll the replica on its own: a silent replica (each check waits its whole timeout) must
+        not slow the checks of the others, or a second outage would be seen late."""
+        if self._client is not None and replica.url not in self._pollers:
+            self._pollers[replica.url] = asyncio.create_task(self._poll(replica), name=f"router-health {replica.url}")
+
+    async def _poll(self, replica: Replica) -> None:
         while True:
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(self.interval_s)
             try:
-                await work()
+                await self.check(replica)
             except Exception:  # noqa: BLE001 - the poller must outlive any one bad round
-                logger.exception("router background round failed")
+                logger.exception("health check of %s failed", replica.url)
+
+    async def _rediscover_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.discovery_interval_s)
+            try:
+                await self.rediscover()
+            except Exception:  # noqa: BLE001
+                logger.exception("replica discovery round failed")
 
     async def rediscover(self) -> None:
         """Look at the sources again; replicas that joined are checked before they are used."""
         assert self.discovery is not None
         joined = self.update(await self.discovery.current())
         await asyncio.gather(*(self.check(r) for r in joined))
+        for r in joined:
+            self._watch(r)
 
     def update(self, found: list[Replica]) -> list[Replica]:
         """Make the fleet `found`, keeping the state (health, load, in-flight) of replicas it had.
@@ -195,6 +215,9 @@ class ReplicaSet:
                 fleet.append(old)
         for url in had.keys() - {r.url for r in found}:
             logger.info("replica %s left the fleet", url)
+            poller = self._pollers.pop(url, None)
+            if poller is not None:
+                poller.cancel()
         self.replicas = fleet
         return joined
 
@@ -217,6 +240,10 @@ class ReplicaSet:
             metrics = await self._client.get(f"{replica.url}/metrics")
             metrics.raise_for_status()
             replica.running, replica.waiting, replica.kv_cache_usage = parse_load(metrics.text)
+        except httpx.TransportError as e:
+            # Answered /health, then went silent (a link cut mid-check): as down as a failed /health.
+            self.mark_failed(replica, f"metrics: {type(e).__name__}: {e}", lost=True)
+            return
         except (httpx.HTTPError, ValueError) as e:
             # Healthy but unreadable load: keep the last numbers rather than fail a serving replica.
             logger.debug("cannot read the load of %s: %s", replica.url, e)
