@@ -21,6 +21,8 @@ from tokenmill.engine.stats import EngineStats
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.tokenizer import load_tokenizer
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
+from tokenmill.spec_decode.config import SpeculativeConfig
+from tokenmill.spec_decode.speculator import Speculator, make_speculator
 from tokenmill.structured.grammars import GrammarCache, GrammarMatchesNothing
 from tokenmill.structured.matcher import GrammarState
 from tokenmill.structured.params import StructuredOutputsParams
@@ -41,8 +43,10 @@ def _generation_config(model_path: str) -> Any:
 
 class LLMEngine:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
-                 scheduler_config: SchedulerConfig, parallel_config: Optional[ParallelConfig] = None) -> None:
+                 scheduler_config: SchedulerConfig, parallel_config: Optional[ParallelConfig] = None,
+                 speculative_config: Optional[SpeculativeConfig] = None) -> None:
         self.model_config = model_config
+        self.speculative_config = speculative_config
         self.scheduler_config = scheduler_config
         self.parallel_config = parallel_config or ParallelConfig()
         if get_parallel_state().world_size > 1:
@@ -92,6 +96,11 @@ class LLMEngine:
         self._failed: list[Request] = []  # failed by the engine, to report in the next step
         self.stats = EngineStats(kv_blocks_total=self.block_manager.num_blocks,
                                  spill_blocks_total=runner.num_spill_blocks)
+        self.speculator: Optional[Speculator] = None
+        if self.speculative_config is not None:
+            self.speculator = make_speculator(self.speculative_config, model_config, cache_config, scheduler_config,
+                                              runner)
+            self.stats.spec_decode = self.speculator.stats
         self._next_id = 0
 
     # -- requests -------------------------------------------------------------------------
@@ -229,9 +238,16 @@ class LLMEngine:
         # Prompt positions computed this step (recomputation after preemption included).
         prompt_tokens = sum(max(0, min(q.num_computed_tokens + n, q.num_prompt_tokens) - q.num_computed_tokens)
                             for q, n in sched.scheduled)
+        drafted = {s.seq_id: len(s.spec_token_ids) for s, _ in sched.scheduled if s.spec_token_ids}
+        outputs_before = sum(s.num_output_tokens for s, _ in sched.scheduled)
         finished = self.scheduler.update(sched, sampled)
+        # Tokens appended, not sampled: a verification's tokens past a stop are dropped.
+        generated = sum(s.num_output_tokens for s, _ in sched.scheduled) - outputs_before
+        if self.speculator is not None:
+            self.speculator.record(drafted, sampled)
+            self.speculator.propose(self.scheduler.running)  # for the next step
         self._failed.clear()  # reported with the finished ones
-        self._update_stats(sched, len(sampled), prompt_tokens)
+        self._update_stats(sched, generated, prompt_tokens)
         touched = {s.request.request_id: s.request for s, _ in sched.scheduled}
         touched.update({s.request.request_id: s.request for s in finished})
         outputs = []

@@ -40,6 +40,8 @@ class MicroBatch:
     ordered: list[tuple[Sequence, int]] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)  # index into logits_rows, per sampled seq
     sampled: list[Sequence] = field(default_factory=list)
+    # Per sampled seq, the proposed tokens it verifies: its rows are sample_rows[j] .. + k.
+    num_drafts: list[int] = field(default_factory=list)
     prompt_rows: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # seq_id -> (row, first, last)
 
     def for_workers(self) -> "MicroBatch":
@@ -103,7 +105,10 @@ def build_micro_batch(scheduled: list[tuple[Sequence, int]]) -> MicroBatch:
     input_ids: list[int] = []
     for seq, n in ordered:
         c = seq.num_computed_tokens
-        input_ids.extend(seq.token_ids[c:c + n])
+        ids = seq.token_ids[c:c + n]
+        input_ids.extend(ids)
+        if len(ids) < n:  # a decode verifying proposed tokens: they are computed after it
+            input_ids.extend(seq.spec_token_ids[:n - len(ids)])
     mb = MicroBatch([s.seq_id for s, _ in ordered], [s.num_computed_tokens for s, _ in ordered],
                     [n for _, n in ordered], len(decodes),
                     _decode_groups([s.num_computed_tokens + 1 for s, _ in decodes]),
@@ -120,10 +125,12 @@ def build_micro_batch(scheduled: list[tuple[Sequence, int]]) -> MicroBatch:
             if first >= c and last > first:
                 mb.prompt_rows[seq.seq_id] = (len(rows), first, last)
                 rows.extend(range(offset + first - c, offset + last - c))
-        if c + n == seq.num_tokens:  # the chunk reaches the end: sample the next token
+        if c + n >= seq.num_tokens:  # the chunk reaches the end: sample the next token
+            k = c + n - seq.num_tokens  # proposed tokens: each position's logits check the next
             mb.sample_rows.append(len(rows))
             mb.sampled.append(seq)
-            rows.append(offset + n - 1)
+            mb.num_drafts.append(k)
+            rows.extend(range(offset + n - 1 - k, offset + n))
         offset += n
     mb.logits_rows = torch.tensor(rows, dtype=torch.long)
     return mb

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -16,11 +15,13 @@ from tokenmill.engine.model_input import MicroBatch, StepInput, build_step, mode
 from tokenmill.engine.persistent_batch import BatchDiffer, PersistentBatch
 from tokenmill.engine.kv_tiers import BlockCopy
 from tokenmill.engine.scheduler import SchedulerOutput
+from tokenmill.engine.sequence import Sequence
 from tokenmill.engine.utilization import UtilizationMeter
 from tokenmill.model_cost import ModelCost
 from tokenmill.layers.attention import PagedAttention, set_attention_context
 from tokenmill.kernels.linear import assign_linear_kernels
-from tokenmill.layers.sampler import Sampler
+from tokenmill.layers.sampler import SampledToken, Sampler
+from tokenmill.spec_decode.verifier import Verifier
 from tokenmill.structured.matcher import GrammarState, batch_bitmask
 from tokenmill.models.loader import load_model
 from tokenmill.outputs import Logprob
@@ -33,15 +34,6 @@ _CUDA_MEMORY_FRACTION = 0.9
 _CUDA_ACTIVATION_RESERVE = 1 << 30
 # On CPU, share of the RAM available at start-up that the KV pool may take by default.
 _CPU_MEMORY_FRACTION = 0.25
-
-
-@dataclass
-class SampledToken:
-    """What a step produced for one sequence."""
-
-    token_id: int
-    logprob: float
-    top_logprobs: Optional[dict[int, Logprob]] = None  # when the request asked for logprobs
 
 
 def _available_ram() -> int:
@@ -87,6 +79,7 @@ class ModelRunner:
             logger.info("KV spill tier: %d blocks, %.1f MiB", self.num_spill_blocks,
                         self.spill_cache.numel() * self.spill_cache.element_size() / 2**20)
         self.sampler = Sampler()
+        self.verifier = Verifier(self.sampler, self.vocab_size, lambda t: self._text(t))
         # The running sequences' block tables, kept across steps on every rank; rank 0 also
         # tracks what the ranks know, to send them only the changes.
         self.batch = PersistentBatch(self.block_size)
@@ -133,24 +126,44 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, banned: dict[int, list[int]],
-                grammars: Optional[dict[int, GrammarState]] = None) -> dict[int, SampledToken]:
-        """Rank 0: run one step on every rank, then sample. Returns the sampled token of every
-        sequence that finished its prompt/chunk. `banned` and `grammars` (by seq id) constrain
-        what each sequence may sample."""
+                grammars: Optional[dict[int, GrammarState]] = None) -> dict[int, list[SampledToken]]:
+        """Rank 0: run one step on every rank, then sample. Returns the sampled tokens of every
+        sequence that finished its prompt/chunk: one, or for a sequence that verified proposed
+        tokens, the accepted ones and the token after them. `banned` and `grammars` (by seq id)
+        constrain what each sequence may sample."""
         start_time = time.perf_counter()
         step = build_step(self.differ, sched.scheduled, sched.block_copies, get_parallel_state().pp_size)
         all_logits = self.executor.execute(step, self.run) if self.executor is not None else self.run(step)
         chunks = [(seq.num_computed_tokens, n) for seq, n in sched.scheduled]
         rows: list[torch.Tensor] = []
+        num_drafts: list[int] = []
         for mb, logits in zip(step.micro_batches, all_logits):
             self._prompt_logprobs(mb, logits)
             if mb.sampled:
-                rows.append(logits[mb.sample_rows])
+                rows.append(logits[[r + j for r, k in zip(mb.sample_rows, mb.num_drafts) for j in range(k + 1)]])
+                num_drafts.extend(mb.num_drafts)
         seqs = sampled_seqs(step)
         if not seqs:
             self.meter.record(*self.cost.step(chunks, 0), time.perf_counter() - start_time)
             return {}
         logits = torch.cat(rows)
+        grammars = grammars or {}
+        firsts = [0]
+        for k in num_drafts:
+            firsts.append(firsts[-1] + k + 1)
+        plain = [j for j, k in enumerate(num_drafts) if k == 0]
+        result = self._sample(logits[[firsts[j] for j in plain]] if len(plain) < len(seqs) else logits,
+                              [seqs[j] for j in plain], banned, grammars) if plain else {}
+        spec = [j for j, k in enumerate(num_drafts) if k > 0]
+        if spec:
+            result.update(self.verifier.verify(logits, [(seqs[j], firsts[j], num_drafts[j]) for j in spec],
+                                               banned, grammars, self.generator))
+        self.meter.record(*self.cost.step(chunks, logits.shape[0]), time.perf_counter() - start_time)
+        return result
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], banned: dict[int, list[int]],
+                grammars: dict[int, GrammarState]) -> dict[int, list[SampledToken]]:
+        """One token for each of seqs, from its row of logits."""
         # Token histories are copied only when a penalty reads them (else O(context) per step).
         history = any(s.params.needs_penalties for s in seqs)
         out = self.sampler(logits, [s.params for s in seqs],
@@ -168,8 +181,7 @@ class ModelRunner:
                     tid = int(out.top_ids[j, r])
                     if tid not in top:
                         top[tid] = Logprob(float(out.top_logprobs[j, r]), r + 1, self._text(tid))
-            result[seq.seq_id] = SampledToken(out.token_ids[j], out.logprobs[j], top)
-        self.meter.record(*self.cost.step(chunks, len(seqs)), time.perf_counter() - start_time)
+            result[seq.seq_id] = [SampledToken(out.token_ids[j], out.logprobs[j], top)]
         return result
 
     @torch.inference_mode()

@@ -19,8 +19,8 @@ from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.kv_tiers import BlockCopy
 from tokenmill.engine.sequence import Sequence, SequenceStatus
 
-if TYPE_CHECKING:  # the runner imports this module
-    from tokenmill.engine.model_runner import SampledToken
+if TYPE_CHECKING:
+    from tokenmill.layers.sampler import SampledToken
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.spec_token_ids:
+                n = self._with_proposal(seq, n, budget)
             if self._make_room(seq, n, out):
                 out.scheduled.append((seq, n))
                 budget -= n
@@ -94,6 +96,18 @@ class Scheduler:
         out.block_copies = self.block_manager.take_copies()
         return out
 
+    def _with_proposal(self, seq: Sequence, n: int, budget: int) -> int:
+        """A decode with proposed tokens computes them too (the verification): 1 + k tokens, as
+        the budget allows. Proposals never cost a preemption: without free blocks for them the
+        sequence decodes plainly this step."""
+        drafts = seq.spec_token_ids[:max(0, budget - 1)] if n == 1 else []
+        if drafts and not self.block_manager.can_allocate(seq, 1 + len(drafts)):
+            drafts = []
+        seq.spec_token_ids = drafts
+        if not drafts:
+            seq.spec_probs = None
+        return n + len(drafts)
+
     def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
         """Allocate slots for seq, preempting the newest running sequences until it fits."""
         while not self.block_manager.allocate_slots(seq, n):
@@ -114,28 +128,44 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
+        seq.spec_token_ids, seq.spec_probs = [], None  # proposed for a step that will not run
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
         logger.debug("preempted %r", seq)
 
-    def update(self, out: SchedulerOutput, sampled: dict[int, SampledToken]) -> list[Sequence]:
-        """Advance computed tokens, append sampled tokens, apply stop rules; return newly finished."""
+    def update(self, out: SchedulerOutput, sampled: dict[int, list[SampledToken]]) -> list[Sequence]:
+        """Advance computed tokens, append sampled tokens, apply stop rules; return newly finished.
+
+        A sequence that verified k proposed tokens gets 1..k+1 tokens: the accepted proposals
+        and the one after them. Its KV is valid up to the last accepted one; the slots written
+        for rejected proposals lie past num_computed_tokens, are never read, and are written
+        over as the sequence grows (its blocks stay its own, so nothing leaks)."""
         for seq, n in out.scheduled:
             if seq.is_finished:  # aborted while the step ran
                 continue
-            seq.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(seq)
-            if seq.num_computed_tokens < seq.num_tokens:
-                continue  # a prompt chunk; nothing sampled yet
-            tok = sampled[seq.seq_id]
-            if seq.grammar is not None and not seq.grammar.accept(tok.token_id):
-                # The sampler masks what the grammar refuses, so this is a bug; the token is dropped.
-                self._finish(seq, "error", f"the grammar refused token {tok.token_id}")
+            pending = seq.num_tokens - seq.num_computed_tokens  # tokens without KV before the step
+            seq.spec_token_ids, seq.spec_probs = [], None
+            if n < pending:  # a prompt chunk; nothing sampled yet
+                seq.num_computed_tokens += n
+                self.block_manager.cache_full_blocks(seq)
                 continue
-            seq.append_token(tok.token_id, tok.logprob, tok.top_logprobs)
-            self._check_stop(seq, tok.token_id)
+            computed = seq.num_computed_tokens + pending
+            for i, tok in enumerate(sampled[seq.seq_id]):
+                # KV holds every token before this one: the pending ones and the proposals
+                # accepted so far (each emitted token but the last is an accepted proposal).
+                seq.num_computed_tokens = computed + i
+                if seq.grammar is not None and not seq.grammar.accept(tok.token_id):
+                    # The sampler masks what the grammar refuses, so this is a bug; the token is dropped.
+                    self._finish(seq, "error", f"the grammar refused token {tok.token_id}")
+                    break
+                seq.append_token(tok.token_id, tok.logprob, tok.top_logprobs)
+                self._check_stop(seq, tok.token_id)
+                if seq.is_finished:  # tokens past a stop are dropped
+                    break
+            if not seq.is_finished:
+                self.block_manager.cache_full_blocks(seq)
         finished, self._finished = self._finished, []
         if finished:
             self.running = [s for s in self.running if not s.is_finished]
@@ -165,6 +195,7 @@ class Scheduler:
         seq.stop_reason = stop_reason
         seq.request.metrics.finished_time = time.time()
         self._finished.append(seq)
+        self.block_manager.cache_full_blocks(seq)  # what it computed stays reusable after it
         if seq.detokenizer is not None and not isinstance(stop_reason, str):
             seq.detokenizer.flush()
         self.block_manager.free(seq)

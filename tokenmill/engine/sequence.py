@@ -58,6 +58,10 @@ class Sequence:
         self.stop_reason: Optional[int | str] = None
         self.detokenizer: Optional[IncrementalDetokenizer] = None
         self.grammar: Optional[GrammarState] = None  # set when structured_outputs constrain it
+        # Speculative decoding: tokens proposed to follow token_ids, checked by the next step
+        # (never part of token_ids until accepted), and the proposer's distributions for them.
+        self.spec_token_ids: list[int] = []
+        self.spec_probs: Optional[torch.Tensor] = None
         self.num_preemptions = 0
         # What earlier DELTA outputs carried: output tokens and characters of text.
         self.sent_tokens = 0

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from tokenmill.spec_decode.speculator import SpecDecodeStats
 
 
 @dataclass
@@ -26,6 +30,7 @@ class EngineStats:
     generation_tokens: int = 0  # cumulative tokens sampled
     num_steps: int = 0
     num_requests_finished: int = 0
+    spec_decode: Optional["SpecDecodeStats"] = None  # with speculative decoding on
 
     @property
     def kv_cache_usage(self) -> float:

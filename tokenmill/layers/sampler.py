@@ -14,8 +14,18 @@ from typing import Optional
 
 import torch
 
+from tokenmill.outputs import Logprob
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.structured.matcher import apply_bitmask
+
+
+@dataclass
+class SampledToken:
+    """One token a step produced for a sequence."""
+
+    token_id: int
+    logprob: float
+    top_logprobs: Optional[dict[int, Logprob]] = None  # when the request asked for logprobs
 
 
 @dataclass
@@ -68,19 +78,27 @@ def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: to
     return logits
 
 
+def exponential_noise(shape: tuple[int, int], generators: list[Optional[torch.Generator]],
+                      global_generator: torch.Generator) -> torch.Tensor:
+    """Exp(1) noise for the exponential race, one row per entry of `generators`. Generators live
+    on the CPU so a seed means the same draws on every device. Seeded rows draw from their own
+    generator; the others share one draw of the engine's."""
+    noise = torch.empty(shape, dtype=torch.float32)
+    unseeded = [j for j, g in enumerate(generators) if g is None]
+    if unseeded:
+        noise[unseeded] = torch.empty(len(unseeded), shape[1]).exponential_(generator=global_generator)
+    for j, g in enumerate(generators):
+        if g is not None:
+            noise[j].exponential_(generator=g)
+    return noise
+
+
 class Sampler:
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], prompt_ids: Optional[list[list[int]]],
-                 output_ids: Optional[list[list[int]]], generators: list[Optional[torch.Generator]],
-                 banned: list[list[int]], global_generator: torch.Generator,
-                 bitmask: Optional[tuple[torch.Tensor, list[int]]] = None) -> SamplerOutput:
-        """Args:
-            logits: [S, V] for the S sequences that sample this step.
-            banned: per row, token ids masked out (EOS / stop tokens before min_tokens).
-            prompt_ids, output_ids: per row, the token history; needed (and built by the caller)
-                only when some row has a penalty, so a plain step copies no history.
-            generators: per row, the request's own generator, or None for the engine's.
-            bitmask: the grammar's allowed tokens for the constrained rows (structured/matcher.py).
-        """
+    def prepare(self, logits: torch.Tensor, params: list[SamplingParams], prompt_ids: Optional[list[list[int]]],
+                output_ids: Optional[list[list[int]]], banned: list[list[int]],
+                bitmask: Optional[tuple[torch.Tensor, list[int]]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw logprobs, processed logits): logit_bias, the banned tokens, the grammar mask and
+        the penalties applied, row by row; what greedy rows take the argmax of."""
         logits = logits.float()
         raw_logprobs = logits.log_softmax(-1)
         for i, p in enumerate(params):
@@ -94,28 +112,37 @@ class Sampler:
             apply_bitmask(logits, bitmask)
         if any(p.needs_penalties for p in params):
             logits = apply_penalties(logits, prompt_ids, output_ids, params)
+        return raw_logprobs, logits
+
+    @staticmethod
+    def probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """The distribution a sampled row draws from: temperature, then min_p, top_k, top_p."""
+        device = logits.device
+        scaled = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
+        scaled = apply_top_k_top_p_min_p(scaled, torch.tensor([p.top_k for p in params], device=device),
+                                         torch.tensor([p.top_p for p in params], device=device),
+                                         torch.tensor([p.min_p for p in params], device=device))
+        return scaled.softmax(-1)
+
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], prompt_ids: Optional[list[list[int]]],
+                 output_ids: Optional[list[list[int]]], generators: list[Optional[torch.Generator]],
+                 banned: list[list[int]], global_generator: torch.Generator,
+                 bitmask: Optional[tuple[torch.Tensor, list[int]]] = None) -> SamplerOutput:
+        """Args:
+            logits: [S, V] for the S sequences that sample this step.
+            banned: per row, token ids masked out (EOS / stop tokens before min_tokens).
+            prompt_ids, output_ids: per row, the token history; needed (and built by the caller)
+                only when some row has a penalty, so a plain step copies no history.
+            generators: per row, the request's own generator, or None for the engine's.
+            bitmask: the grammar's allowed tokens for the constrained rows (structured/matcher.py).
+        """
+        raw_logprobs, logits = self.prepare(logits, params, prompt_ids, output_ids, banned, bitmask)
         tokens = logits.argmax(-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if random_rows:
             rows = torch.tensor(random_rows, dtype=torch.long, device=logits.device)
-            sub = logits[rows] / torch.tensor([params[i].temperature for i in random_rows],
-                                              device=logits.device)[:, None]
-            sub = apply_top_k_top_p_min_p(
-                sub,
-                torch.tensor([params[i].top_k for i in random_rows], device=logits.device),
-                torch.tensor([params[i].top_p for i in random_rows], device=logits.device),
-                torch.tensor([params[i].min_p for i in random_rows], device=logits.device))
-            probs = sub.softmax(-1)
-            # Generators live on the CPU so a seed means the same draws on every device. Seeded
-            # rows draw from their own generator; the others share one draw of the engine's.
-            noise = torch.empty(probs.shape, dtype=torch.float32)
-            unseeded = [j for j, i in enumerate(random_rows) if generators[i] is None]
-            if unseeded:
-                draw = torch.empty(len(unseeded), probs.shape[1]).exponential_(generator=global_generator)
-                noise[unseeded] = draw
-            for j, i in enumerate(random_rows):
-                if generators[i] is not None:
-                    noise[j].exponential_(generator=generators[i])
+            probs = self.probs(logits[rows], [params[i] for i in random_rows])
+            noise = exponential_noise(tuple(probs.shape), [generators[i] for i in random_rows], global_generator)
             tokens[rows] = (probs / noise.to(probs.device)).argmax(-1)
         chosen = raw_logprobs.gather(-1, tokens[:, None])
         wants = any(p.logprobs is not None for p in params)

@@ -1,0 +1,196 @@
+"""Speculative decoding: greedy outputs identical to transformers' with proposals on, the
+rejection sampler's output distribution equal to the target's, the KV pool clean after
+rejections, and what each request feature does with proposals."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import hf_greedy, random_prompts
+from tests.test_prefix_caching import check_invariants
+from tokenmill import LLM, SamplingParams
+from tokenmill.spec_decode.config import SpeculativeConfig
+from tokenmill.spec_decode.ngram import NgramProposer
+from tokenmill.spec_decode.rejection import Draft, accept_drafts
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+NEW = 24
+
+
+def repetitive_prompts(seed: int) -> list[list[int]]:
+    """Prompts that repeat themselves, as edited or quoted text does, so lookups find matches."""
+    parts = random_prompts([7, 12, 5, 9, 16, 4], seed=seed)
+    return [parts[0] * 3, parts[1] + parts[2] + parts[1], parts[3] * 4 + parts[4], parts[5] * 6, parts[4] * 2,
+            parts[2] + parts[3] * 2 + parts[2]]
+
+
+def spec_stats(llm: LLM):
+    return llm.llm_engine.get_stats().spec_decode
+
+
+def test_config_follows_vllm_names_and_refuses_what_it_does_not_know():
+    c = SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3}')
+    assert (c.prompt_lookup_min, c.prompt_lookup_max) == (3, 3)
+    assert SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 2}).prompt_lookup_min == 5
+    assert SpeculativeConfig.parse({"model": "/d", "num_speculative_tokens": 2}).method == "draft_model"
+    for bad, match in ((["x"], "JSON object"), ("{", "JSON object"), ({"method": "ngram"}, "num_speculative_tokens"),
+                       ({"method": "eagle", "num_speculative_tokens": 2}, "one of"),
+                       ({"method": "ngram", "num_speculative_tokens": 0}, "1..16"),
+                       ({"method": "ngram", "num_speculative_tokens": 2, "draft_tp": 1}, "unknown keys draft_tp"),
+                       ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4,
+                         "prompt_lookup_max": 2}, "<="),
+                       ({"num_speculative_tokens": 2}, "method")):
+        with pytest.raises(ValueError, match=match):
+            SpeculativeConfig.parse(bad)
+
+
+def test_ngram_proposes_what_followed_the_latest_match():
+    p = NgramProposer(1, 3)
+    assert p.propose([1, 2, 3, 4, 9, 1, 2, 3], 3) == [4, 9, 1]
+    assert p.propose([5, 6, 7, 1, 2, 8, 1, 2], 2) == [8, 1]  # the latest match of the longest suffix
+    assert p.propose([1, 2, 3], 2) == []
+    assert p.propose([7, 7, 7, 7], 3) == [7, 7, 7]
+    assert NgramProposer(2, 2).propose([3, 1, 2, 3], 2) == []  # only a 1-token match exists
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("LlamaForCausalLM", dict(num_key_value_heads=2)),  # RoPE, grouped KV heads
+    ("MistralForCausalLM", dict(sliding_window=8)),  # the window cuts through proposals
+    ("GPT2LMHeadModel", dict(n_inner=128)),  # learned positions
+    ("BloomForCausalLM", dict()),  # ALiBi
+])
+def test_greedy_is_identical_to_transformers_with_ngram_proposals(make_checkpoint, arch, overrides):
+    """Through chunked prefill, an odd block size and preemption: proposals are verified in the
+    flat batch with the paged KV, and rejected ones leave nothing behind."""
+    # A smaller init than the other tests': these weights echo their context often enough for
+    # proposals to be accepted (at 0.2 nearly none are), and still leave no greedy ties.
+    path, hf = make_checkpoint(arch, initializer_range=0.08, **overrides)
+    prompts = repetitive_prompts(seed=3)
+    expected = [hf_greedy(hf, p, NEW) for p in prompts]
+    llm = LLM(path, skip_tokenizer_init=True, block_size=5, num_gpu_blocks_override=22, max_num_batched_tokens=20,
+              max_num_seqs=8, speculative_config=NGRAM)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    s = spec_stats(llm)
+    assert s.num_drafts > 0 and 0 < s.num_accepted_tokens < s.num_draft_tokens, s
+    assert llm.llm_engine.get_stats().num_preemptions > 0
+    assert llm.llm_engine.get_stats().generation_tokens == NEW * len(prompts)
+    check_invariants(llm.llm_engine)
+
+
+def _trials(p: torch.Tensor, q, draft: list[int], n: int, seed: int) -> list[list[int]]:
+    """n verifications against target rows p ([k+1, V] probabilities) of `draft`, or, with
+    draft distributions q ([k, V]), of proposals drawn from q as a draft model draws them."""
+    logits = p.log().repeat(n, 1)
+    params = SamplingParams(temperature=1.0)
+    g = torch.Generator().manual_seed(seed)
+    if q is None:
+        drafts = [Draft(draft, params, None) for _ in range(n)]
+    else:
+        picks = torch.multinomial(q, n, replacement=True, generator=g).T.tolist()  # [n, k]
+        drafts = [Draft(d, params, None, q) for d in picks]
+    return accept_drafts(logits, drafts, g)
+
+
+def _chi2_ok(observed: torch.Tensor, expected_p: torch.Tensor) -> bool:
+    """Pearson's test at p = 0.001 (Wilson-Hilferty for the chi-square quantile)."""
+    n = float(observed.sum())
+    exp = expected_p * n
+    keep = exp > 5
+    stat = float((((observed - exp) ** 2) / exp)[keep].sum())
+    dof = int(keep.sum()) - 1
+    z = 3.09
+    limit = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    return stat < limit
+
+
+@pytest.mark.parametrize("with_draft_probs", [False, True])
+def test_rejection_sampling_keeps_the_target_distribution(with_draft_probs):
+    """Whatever the proposal, the first emitted token follows p_0, and the second (after an
+    accepted first) follows p_1: the output distribution is the target model's."""
+    V = 6
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(3, V, generator=g) ** 2 + 0.02
+    p /= p.sum(-1, keepdim=True)
+    q = None
+    draft = [2, 4]
+    if with_draft_probs:
+        q = torch.rand(2, V, generator=g) + 0.05
+        q /= q.sum(-1, keepdim=True)
+    n = 20000
+    outs = _trials(p, q, draft, n, seed=1)
+    first = torch.bincount(torch.tensor([o[0] for o in outs]), minlength=V).float()
+    assert _chi2_ok(first, p[0]), (first / n, p[0])
+    # len > 1: the first proposal was accepted, so the second token was drawn after it.
+    seconds = torch.bincount(torch.tensor([o[1] for o in outs if len(o) > 1]), minlength=V)
+    assert _chi2_ok(seconds.float(), p[1]), (seconds / seconds.sum(), p[1])
+    # A bad proposal (one the target never picks) is always rejected; a perfect one always kept.
+    point = torch.zeros(3, V)
+    point[:, 3] = 1.0
+    assert all(o == [3] for o in _trials(point + 1e-12, None, [1, 1], 50, seed=2))
+    assert all(o == [3, 3, 3] for o in _trials(point + 1e-12, None, [3, 3], 50, seed=3))
+
+
+def test_features_with_proposals_match_plain_decoding(make_checkpoint):
+    """Stop strings' token cousins (stop_token_ids), min_tokens, logprobs of the accepted tokens,
+    n > 1 and seeded sampling: the same greedy tokens with proposals as without, seeds
+    reproducible, and the KV pool clean."""
+    path, _ = make_checkpoint("LlamaForCausalLM", num_key_value_heads=2, initializer_range=0.08)
+    prompts = [{"prompt_token_ids": p} for p in repetitive_prompts(seed=5)]
+    plain = LLM(path, skip_tokenizer_init=True, block_size=4, max_num_seqs=8)
+    spec = LLM(path, skip_tokenizer_init=True, block_size=4, max_num_seqs=8, speculative_config=NGRAM)
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2)
+    ref = plain.generate(prompts, greedy, use_tqdm=False)
+    got = spec.generate(prompts, greedy, use_tqdm=False)
+    for r, o in zip(ref, got):
+        assert o.outputs[0].token_ids == r.outputs[0].token_ids
+        for a, b in zip(o.outputs[0].logprobs, r.outputs[0].logprobs):
+            assert a.keys() == b.keys()
+            assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 and a[t].rank == b[t].rank for t in a)
+    # A stop token the proposals would run past, held back by min_tokens for a while.
+    stop = ref[0].outputs[0].token_ids[3]
+    held = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[stop], min_tokens=5)
+    assert ([o.outputs[0].token_ids for o in spec.generate(prompts, held, use_tqdm=False)]
+            == [o.outputs[0].token_ids for o in plain.generate(prompts, held, use_tqdm=False)])
+    seeded = SamplingParams(temperature=0.8, top_k=20, max_tokens=20, ignore_eos=True, seed=7, n=2)
+    once = [c.token_ids for o in spec.generate(prompts, seeded, use_tqdm=False) for c in o.outputs]
+    again = [c.token_ids for o in spec.generate(prompts[::-1], seeded, use_tqdm=False)[::-1] for c in o.outputs]
+    assert once == again
+    assert spec_stats(spec).num_accepted_tokens > 0
+    check_invariants(spec.llm_engine)
+
+
+_stream_llm: dict = {}
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.tuples(st.sampled_from(["add", "add", "step", "step", "step", "abort"]),
+                              st.integers(0, 1000)), min_size=5, max_size=40))
+def test_random_streams_with_proposals_keep_the_pool_consistent(make_checkpoint, ops):
+    """The block manager's invariants through speculative steps, preemption and aborts."""
+    if "llm" not in _stream_llm:
+        path, _ = make_checkpoint("LlamaForCausalLM", seed=21, initializer_range=0.08)
+        _stream_llm["llm"] = LLM(path, skip_tokenizer_init=True, block_size=4, num_gpu_blocks_override=14,
+                                 max_num_batched_tokens=16, speculative_config=NGRAM)
+    engine = _stream_llm["llm"].llm_engine
+    rng = random.Random(len(ops))
+    bases = repetitive_prompts(seed=60)
+    live: list[str] = []
+    for op, x in ops:
+        if op == "add":
+            prompt = bases[x % len(bases)][: 4 + x % 20]
+            params = SamplingParams(temperature=0 if x % 2 else 1.0, max_tokens=1 + x % 9, ignore_eos=True)
+            live.append(engine.add_request({"prompt_token_ids": prompt}, params))
+        elif op == "abort" and live:
+            engine.abort_request(live.pop(rng.randrange(len(live))))
+        else:
+            engine.step()
+    while engine.has_unfinished_requests():
+        engine.step()
+    check_invariants(engine)
