@@ -194,3 +194,39 @@ def test_random_streams_with_proposals_keep_the_pool_consistent(make_checkpoint,
     while engine.has_unfinished_requests():
         engine.step()
     check_invariants(engine)
+
+
+def test_draft_model_proposals_keep_greedy_exact_and_its_kv_in_step(make_checkpoint):
+    """A draft checkpoint with the target's vocabulary: itself (every proposal accepted) and a
+    smaller random one (most rejected, so its KV is rolled back every step), under preemption."""
+    path, hf = make_checkpoint("LlamaForCausalLM", num_key_value_heads=2, initializer_range=0.08)
+    small, _ = make_checkpoint("LlamaForCausalLM", seed=5, num_hidden_layers=1, hidden_size=32,
+                               num_attention_heads=2, num_key_value_heads=1, initializer_range=0.08)
+    prompts = repetitive_prompts(seed=3)
+    expected = [hf_greedy(hf, p, NEW) for p in prompts]
+    greedy = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    for draft, everything_accepted in ((path, True), (small, False)):
+        llm = LLM(path, skip_tokenizer_init=True, block_size=5, num_gpu_blocks_override=22, max_num_batched_tokens=20,
+                  max_num_seqs=8, speculative_config={"model": draft, "num_speculative_tokens": 3})
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected, draft
+        s = spec_stats(llm)
+        assert s.num_drafts > 0
+        if everything_accepted:
+            assert s.num_accepted_tokens == s.num_draft_tokens, s
+        else:
+            assert s.num_accepted_tokens < s.num_draft_tokens
+        check_invariants(llm.llm_engine)
+        proposer = llm.llm_engine.speculator.draft
+        assert not proposer.mirrors and all(r == 0 for r in proposer.block_manager.ref_counts)
+    sampled = SamplingParams(temperature=0.9, max_tokens=NEW, ignore_eos=True, seed=3)
+    runs = [[o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], sampled,
+                                                          use_tqdm=False)] for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_draft_model_must_share_the_vocabulary(make_checkpoint):
+    path, _ = make_checkpoint("LlamaForCausalLM", num_key_value_heads=2, initializer_range=0.08)
+    other, _ = make_checkpoint("LlamaForCausalLM", vocab_size=300, num_hidden_layers=1)
+    with pytest.raises(ValueError, match="vocabulary"):
+        LLM(path, skip_tokenizer_init=True, speculative_config={"model": other, "num_speculative_tokens": 2})

@@ -212,6 +212,8 @@ class LLMEngine:
                 if req in self._compiling:
                     self._compiling.remove(req)
                 self.scheduler.abort(req.seqs)
+        if self.speculator is not None and self.speculator.draft is not None:
+            self.speculator.draft.release({s.seq_id for s in self.scheduler.running})
 
     def shutdown(self, graceful: bool = True) -> None:
         """Stop the other ranks of a tensor/pipeline-parallel engine (a no-op with one process).

@@ -132,21 +132,11 @@ class ModelRunner:
         tokens, the accepted ones and the token after them. `banned` and `grammars` (by seq id)
         constrain what each sequence may sample."""
         start_time = time.perf_counter()
-        step = build_step(self.differ, sched.scheduled, sched.block_copies, get_parallel_state().pp_size)
-        all_logits = self.executor.execute(step, self.run) if self.executor is not None else self.run(step)
         chunks = [(seq.num_computed_tokens, n) for seq, n in sched.scheduled]
-        rows: list[torch.Tensor] = []
-        num_drafts: list[int] = []
-        for mb, logits in zip(step.micro_batches, all_logits):
-            self._prompt_logprobs(mb, logits)
-            if mb.sampled:
-                rows.append(logits[[r + j for r, k in zip(mb.sample_rows, mb.num_drafts) for j in range(k + 1)]])
-                num_drafts.extend(mb.num_drafts)
-        seqs = sampled_seqs(step)
+        seqs, logits, num_drafts = self.forward(sched)
         if not seqs:
             self.meter.record(*self.cost.step(chunks, 0), time.perf_counter() - start_time)
             return {}
-        logits = torch.cat(rows)
         grammars = grammars or {}
         firsts = [0]
         for k in num_drafts:
@@ -160,6 +150,21 @@ class ModelRunner:
                                                banned, grammars, self.generator))
         self.meter.record(*self.cost.step(chunks, logits.shape[0]), time.perf_counter() - start_time)
         return result
+
+    def forward(self, sched: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor, list[int]]:
+        """Rank 0: the step's forward on every rank. Returns the sequences that sample, their
+        logits (1 + k rows for a sequence verifying k proposed tokens) and each one's k."""
+        step = build_step(self.differ, sched.scheduled, sched.block_copies, get_parallel_state().pp_size)
+        all_logits = self.executor.execute(step, self.run) if self.executor is not None else self.run(step)
+        rows: list[torch.Tensor] = []
+        num_drafts: list[int] = []
+        for mb, logits in zip(step.micro_batches, all_logits):
+            self._prompt_logprobs(mb, logits)
+            if mb.sampled:
+                rows.append(logits[[r + j for r, k in zip(mb.sample_rows, mb.num_drafts) for j in range(k + 1)]])
+                num_drafts.extend(mb.num_drafts)
+        seqs = sampled_seqs(step)
+        return seqs, (torch.cat(rows) if rows else torch.empty(0, self.vocab_size)), num_drafts
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], banned: dict[int, list[int]],
                 grammars: dict[int, GrammarState]) -> dict[int, list[SampledToken]]:

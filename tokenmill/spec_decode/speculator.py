@@ -87,6 +87,8 @@ class Speculator:
 
     def propose(self, running: list[Sequence]) -> None:
         """Set spec_token_ids (and spec_probs) for the next step's decodes."""
+        if self.draft is not None:  # the draft's KV of sequences that left the batch goes back
+            self.draft.release({s.seq_id for s in running})
         seqs = [s for s in running if self.eligible(s) and self.budget(s) > 0]
         if not seqs:
             return

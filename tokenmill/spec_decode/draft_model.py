@@ -1,0 +1,160 @@
+"""A smaller checkpoint with the target's vocabulary proposes k tokens by decoding them itself.
+
+The draft has its own model runner, paged KV pool and block manager on the same device. Each
+target sequence has a mirror on the draft side: the same tokens, plus the draft's own KV. Before
+proposing, a mirror catches up with what the target accepted since (its KV is kept up to the
+longest prefix it shares with the target's tokens; rejected proposals' slots are written over),
+then the draft decodes k tokens for every mirror at once, one batched forward per token. For a
+sampled request each proposal is drawn from the draft's distribution q (the request's
+temperature, top_k, top_p, min_p and logit_bias applied), and q goes with it to the verifier.
+
+A mirror whose sequence left the running batch (finished, aborted or preempted) is freed; when
+the draft's pool is full a mirror is dropped and its sequence decodes plainly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Optional
+
+import torch
+
+from tokenmill.config import CacheConfig, ModelConfig, SchedulerConfig
+from tokenmill.distributed.parallel_state import get_parallel_state
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.scheduler import SchedulerOutput
+from tokenmill.engine.sequence import Request, Sequence
+from tokenmill.layers.sampler import exponential_noise
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.spec_decode.config import SpeculativeConfig
+
+logger = logging.getLogger(__name__)
+
+
+class DraftModelProposer:
+    def __init__(self, config: SpeculativeConfig, target: ModelConfig, cache: CacheConfig,
+                 scheduler: SchedulerConfig, target_runner: Any) -> None:
+        from tokenmill.engine.model_runner import ModelRunner  # the runner imports this package
+
+        if get_parallel_state().world_size > 1:
+            raise ValueError("a draft model runs in one process: with tensor or pipeline parallelism use "
+                             '{"method": "ngram"} instead')
+        assert config.model is not None
+        self.model_config = ModelConfig(model=config.model, dtype=str(target.torch_dtype).replace("torch.", ""),
+                                        max_model_len=min(target.max_model_len, _max_len(config.model)),
+                                        seed=target.seed, device=str(target.torch_device), skip_tokenizer_init=True,
+                                        linear_backend=target.linear_backend)
+        vocab, target_vocab = self.model_config.hf_config.vocab_size, target.hf_config.vocab_size
+        if vocab != target_vocab:
+            raise ValueError(f"the draft model's vocabulary ({vocab} tokens) differs from the target's "
+                             f"({target_vocab}): a draft must share the target's tokenizer")
+        # As many blocks as the target's pool (the draft's are smaller), no spill tier.
+        draft_cache = dataclasses.replace(cache, swap_space=0, num_gpu_blocks_override=target_runner.num_blocks,
+                                          kv_cache_memory_bytes=None)
+        self.runner = ModelRunner(self.model_config, draft_cache, scheduler, executor=None)
+        self.block_manager = BlockManager(self.runner.num_blocks, draft_cache.block_size, enable_prefix_caching=False)
+        self.cost = self.runner.cost
+        self.mirrors: dict[int, Sequence] = {}  # by the target sequence's id
+        self.owner: dict[int, int] = {}  # mirror seq id -> target seq id
+        self.base: dict[int, int] = {}  # mirror seq id -> target tokens when it last proposed
+        self.generator = torch.Generator().manual_seed(target.seed + 1)
+        logger.info("draft model %s: %.1f MiB of weights, %d KV blocks", config.model,
+                    self.runner.weight_bytes / 2**20, self.runner.num_blocks)
+
+    def _mirror(self, seq: Sequence) -> Sequence:
+        """The draft's copy of seq, its tokens brought up to date. Its KV stays valid up to the
+        longest prefix the old and new tokens share: only what follows the tokens it last
+        proposed after can differ (proposals the target rejected)."""
+        mirror = self.mirrors.get(seq.seq_id)
+        if mirror is None:
+            mirror = Request(f"draft-{seq.seq_id}", None, list(seq.token_ids), SamplingParams()).seqs[0]
+            self.mirrors[seq.seq_id] = mirror
+            self.owner[mirror.seq_id] = seq.seq_id
+            return mirror
+        old, new, shared = mirror.token_ids, seq.token_ids, self.base[mirror.seq_id]
+        while shared < min(len(old), len(new)) and old[shared] == new[shared]:
+            shared += 1
+        mirror.token_ids = old[:shared] + new[shared:]
+        # At least the last token is computed again: its logits give the first proposal.
+        mirror.num_computed_tokens = min(mirror.num_computed_tokens, shared, mirror.num_tokens - 1)
+        return mirror
+
+    def release(self, keep: set[int]) -> None:
+        """Free the mirrors of sequences not in `keep` (finished, aborted, preempted)."""
+        for seq_id in [i for i in self.mirrors if i not in keep]:
+            self._drop(seq_id)
+
+    def _drop(self, seq_id: int) -> None:
+        mirror = self.mirrors.pop(seq_id)
+        self.owner.pop(mirror.seq_id, None)
+        self.base.pop(mirror.seq_id, None)
+        self.block_manager.free(mirror)
+
+    def _forward(self, mirrors: list[Sequence]) -> tuple[list[Sequence], Optional[torch.Tensor]]:
+        """One draft forward: each mirror computes its tokens without KV (a catch-up, or the
+        last proposal). Mirrors the pool cannot hold are dropped. Returns the ones that ran and
+        their last-position logits."""
+        sched = SchedulerOutput()
+        for m in mirrors:
+            n = m.num_tokens - m.num_computed_tokens
+            if self.block_manager.allocate_slots(m, n):
+                sched.scheduled.append((m, n))
+            else:
+                logger.debug("draft KV pool full: no proposal for sequence %d", self.owner[m.seq_id])
+                self._drop(self.owner[m.seq_id])
+        if not sched.scheduled:
+            return [], None
+        sched.num_batched_tokens = sum(n for _, n in sched.scheduled)
+        ran, logits, _ = self.runner.forward(sched)
+        for m, n in sched.scheduled:
+            m.num_computed_tokens += n
+        return ran, logits
+
+    @torch.inference_mode()
+    def propose(self, seqs: list[Sequence], budgets: list[int]) -> None:
+        """Set each seq's spec_token_ids (up to its budget) and, when it samples, spec_probs."""
+        room = self.model_config.max_model_len
+        wanted = {s.seq_id: b for s, b in zip(seqs, budgets) if s.num_tokens + b <= room}
+        target = {s.seq_id: s for s in seqs if s.seq_id in wanted}
+        drafts: dict[int, list[int]] = {i: [] for i in wanted}
+        dists: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
+        active = [self._mirror(s) for s in target.values()]
+        for m in active:
+            self.base[m.seq_id] = len(target[self.owner[m.seq_id]].token_ids)
+        for _ in range(max(wanted.values(), default=0)):
+            ran, logits = self._forward(active)
+            if logits is None:
+                break
+            owners = [target[self.owner[m.seq_id]] for m in ran]
+            processed = self.runner.sampler.prepare(logits, [s.params for s in owners], None, None, [[]] * len(ran))[1]
+            active = []
+            for j, (m, seq) in enumerate(zip(ran, owners)):
+                if seq.params.greedy:
+                    token = int(processed[j].argmax())
+                else:
+                    q = self.runner.sampler.probs(processed[j:j + 1], [seq.params])[0].cpu()
+                    noise = exponential_noise((1, q.shape[0]), [seq.generator], self.generator)[0]
+                    token = int((q / noise).argmax())
+                    dists[seq.seq_id].append(q)
+                drafts[seq.seq_id].append(token)
+                m.token_ids.append(token)
+                if len(drafts[seq.seq_id]) < wanted[seq.seq_id]:
+                    active.append(m)
+            if not active:
+                break
+        for seq_id, seq in target.items():
+            if seq_id in self.mirrors:  # not dropped for want of blocks
+                seq.spec_token_ids = drafts[seq_id]
+                seq.spec_probs = torch.stack(dists[seq_id]) if dists[seq_id] else None
+
+    def propose_seconds(self, seqs: list[Sequence], k: int, peak_flops: float, peak_bandwidth: float) -> float:
+        """The roofline time of proposing k tokens for seqs: k draft decode steps."""
+        flops, nbytes = self.cost.step([(s.num_tokens, 1) for s in seqs], len(seqs))
+        return k * max(flops / peak_flops, nbytes / peak_bandwidth)
+
+
+def _max_len(path: str) -> int:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 30)
