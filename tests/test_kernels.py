@@ -130,7 +130,7 @@ def test_prompt_list_is_scheduled_in_one_step(make_checkpoint):
 
     async def main() -> list[int]:
         prompts = random_prompts([4, 9, 13, 30, 2, 17, 8, 21], seed=1)
-        streams = engine.generate_batch([(f"r{i}", p, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        streams = engine.generate_batch([(f"r{i}", p, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), 0)
                                          for i, p in enumerate(prompts)])
         counts = []
         for s in streams:

@@ -230,3 +230,101 @@ def test_draft_model_must_share_the_vocabulary(make_checkpoint):
     other, _ = make_checkpoint("LlamaForCausalLM", vocab_size=300, num_hidden_layers=1)
     with pytest.raises(ValueError, match="vocabulary"):
         LLM(path, skip_tokenizer_init=True, speculative_config={"model": other, "num_speculative_tokens": 2})
+
+
+class _FakeCost:
+    """A 1 GB, 0.5 GFLOP-per-token model: decode is bandwidth-bound until ~200 tokens a step on
+    a device of 100 TFLOP/s and 1 TB/s (ridge 100 FLOP/byte)."""
+
+    def step(self, chunks, logit_rows):
+        tokens = sum(n for _, n in chunks)
+        return 5e8 * tokens, 1e9 + 1e4 * sum(c for c, _ in chunks)
+
+
+def _decoding(n: int, context: int = 100):
+    from tokenmill.engine.sequence import Request, SequenceStatus
+
+    seqs = []
+    for i in range(n):
+        seq = Request(f"r{i}", None, [5 + j % 7 for j in range(context)], SamplingParams(max_tokens=50)).seqs[0]
+        seq.num_computed_tokens, seq.status = context - 1, SequenceStatus.RUNNING
+        seqs.append(seq)
+    return seqs
+
+
+def test_auto_speculates_only_while_the_roofline_says_it_pays():
+    from tokenmill.spec_decode.speculator import Speculator
+
+    config = SpeculativeConfig.parse({"method": "auto", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
+                                      "prompt_lookup_max": 2})
+    spec = Speculator(config, _FakeCost(), max_model_len=1000)
+    spec.peaks = (1e14, 1e12)
+    small = _decoding(2)
+    spec.propose(small)  # 2 x 5 tokens: still bandwidth-bound, proposals are nearly free
+    assert spec.stats.decision["speculate"] and all(s.spec_token_ids for s in small)
+    big = _decoding(512)
+    spec.propose(big)  # 512 x 5 tokens: well past the ridge, each proposal costs a full token
+    d = spec.stats.decision
+    assert not d["speculate"] and not any(s.spec_token_ids for s in big)
+    assert d["speculative_s_per_token"] > d["plain_s_per_token"] and d["batch"] == 512
+    assert (spec.stats.steps_with_proposals, spec.stats.steps_without) == (1, 1)
+    # Measured acceptance moves the switch: at 128 sequences the prior (half of each position
+    # accepted) does not pay for 5x the tokens, every proposal accepted does; at 512 nothing does.
+    mid = _decoding(128)
+    spec.propose(mid)
+    assert not spec.stats.decision["speculate"]
+    spec.stats.num_drafts = 1000
+    spec.stats.accepted_per_position = [1000] * 4
+    spec.propose(mid)
+    assert spec.stats.decision["speculate"] and spec.stats.decision["expected_accepted_length"] > 4.9
+    spec.propose(_decoding(512))
+    assert not spec.stats.decision["speculate"]
+
+
+def test_tensor_parallel_verifies_proposals_exactly(make_checkpoint):
+    path, hf = make_checkpoint("LlamaForCausalLM", num_key_value_heads=2, initializer_range=0.08)
+    prompts = repetitive_prompts(seed=3)[:3]
+    llm = LLM(path, skip_tokenizer_init=True, tensor_parallel_size=2, distributed_timeout_seconds=60,
+              speculative_config=NGRAM)
+    try:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True), use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, NEW) for p in prompts]
+        assert spec_stats(llm).num_accepted_tokens > 0
+    finally:
+        llm.shutdown()
+    with pytest.raises(ValueError, match="draft model runs in one process"):
+        LLM(path, skip_tokenizer_init=True, tensor_parallel_size=2, distributed_timeout_seconds=60,
+            speculative_config={"model": path, "num_speculative_tokens": 2})
+
+
+def test_stop_strings_and_json_schema_with_proposals():
+    """On the demo model (a tokenizer, real text): a stop string met inside accepted proposals
+    ends the output where plain decoding ends it, and a JSON schema holds with proposals
+    checked against the grammar."""
+    import json
+
+    from tokenmill.cli import DEMO_MODEL
+    from tokenmill.structured.params import StructuredOutputsParams
+
+    text = open("data/demo_heldout.txt").read()[:600]
+    prompt = f"Copy this text.\n{text}\nCopy:\n{text[:120]}"
+    plain = LLM(DEMO_MODEL, max_num_seqs=4)
+    spec = LLM(DEMO_MODEL, max_num_seqs=4, speculative_config={"method": "ngram", "num_speculative_tokens": 4,
+                                                                 "prompt_lookup_min": 2, "prompt_lookup_max": 4})
+    free = SamplingParams(temperature=0, max_tokens=60)
+    ref = plain.generate([prompt], free, use_tqdm=False)[0].outputs[0]
+    stop = ref.text[20:26]
+    params = SamplingParams(temperature=0, max_tokens=60, stop=[stop])
+    a = plain.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    b = spec.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    assert (b.text, b.token_ids, b.stop_reason) == (a.text, a.token_ids, stop)
+    schema = {"type": "object", "properties": {"name": {"enum": ["copy", "paste"]}, "n": {"enum": [1, 2, 3]}},
+              "required": ["name", "n"]}
+    constrained = SamplingParams(temperature=0, max_tokens=60, structured_outputs=StructuredOutputsParams(json=schema))
+    json_prompt = prompt + '\n{"name": "copy", "n": 1}\n{"name": "copy", "n": 2}\n'
+    a = plain.generate([json_prompt], constrained, use_tqdm=False)[0].outputs[0]
+    before = spec_stats(spec).num_accepted_tokens
+    b = spec.generate([json_prompt], constrained, use_tqdm=False)[0].outputs[0]
+    assert b.token_ids == a.token_ids and set(json.loads(b.text)) == {"name", "n"}
+    assert spec_stats(spec).num_accepted_tokens > before  # the constrained request took proposals

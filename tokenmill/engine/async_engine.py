@@ -98,37 +98,40 @@ class AsyncLLMEngine:
                 self._inbox.put(("abort", request_id, None, None))
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                       prompt: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+                       prompt: Optional[str] = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs (cumulative) until it finishes.
 
         ValueError from validation is raised before anything is yielded. Closing the iterator
         early (a client that went away) aborts the request and frees its KV blocks.
         """
         _, out_q = self._register(request_id, len(prompt_token_ids))
-        self._inbox.put(("add", request_id, {"prompt_token_ids": prompt_token_ids, "prompt": prompt}, params))
+        self._inbox.put(("add", request_id, {"prompt_token_ids": prompt_token_ids, "prompt": prompt,
+                                             "priority": priority}, params))
         async for out in self._outputs(request_id, out_q):
             yield out
 
-    def generate_batch(self, requests: list[tuple[str, list[int], SamplingParams]]) -> list[AsyncIterator[RequestOutput]]:
+    def generate_batch(self, requests: list[tuple[str, list[int], SamplingParams, int]]
+                       ) -> list[AsyncIterator[RequestOutput]]:
         """Submit several requests at once (one message: they reach the scheduler in the same
         step) and return one output iterator each, as `generate` yields them.
 
+        Each request is (request id, prompt token ids, params, priority).
         NOTE: the caller must iterate (or close) every iterator; that is what unregisters it.
         """
         queues: list[asyncio.Queue] = []
         try:
-            for rid, ids, _ in requests:
+            for rid, ids, *_ in requests:
                 queues.append(self._register(rid, len(ids))[1])
         except EngineDeadError:
             with self._lock:  # undo the ones registered before the news
-                for (rid, ids, _), _q in zip(requests, queues):
+                for (rid, ids, *_), _q in zip(requests, queues):
                     self._streams.pop(rid, None)
                     self._pending_requests -= 1
                     self._pending_tokens -= len(ids)
             raise
-        self._inbox.put(("add_many", None, [(rid, {"prompt_token_ids": ids, "prompt": None}, params)
-                                            for rid, ids, params in requests], None))
-        return [self._outputs(rid, q) for (rid, _, _), q in zip(requests, queues)]
+        self._inbox.put(("add_many", None, [(rid, {"prompt_token_ids": ids, "prompt": None, "priority": priority},
+                                             params) for rid, ids, params, priority in requests], None))
+        return [self._outputs(rid, q) for (rid, *_), q in zip(requests, queues)]
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id, None, None))
@@ -171,7 +174,8 @@ class AsyncLLMEngine:
             if not alive:  # the client left before its request reached the engine
                 return
             try:
-                self.engine.add_request(prompt, params, request_id=rid)
+                priority = prompt.pop("priority", 0)  # travels with the prompt; not part of it
+                self.engine.add_request(prompt, params, request_id=rid, priority=priority)
             except Exception as e:  # noqa: BLE001 - a bad request must fail alone, not the loop
                 self._deliver(rid, e if isinstance(e, ValueError) else ValueError(f"request refused: {e}"))
         elif kind == "abort":

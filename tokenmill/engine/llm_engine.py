@@ -120,10 +120,16 @@ class LLMEngine:
             raise ValueError("this engine has no tokenizer (skip_tokenizer_init); pass prompt_token_ids")
         return prompt, self.tokenizer.encode(prompt)
 
-    def add_request(self, prompt: PromptType, params: SamplingParams, request_id: Optional[str] = None) -> str:
-        """Validate, tokenize and queue a request. Raises ValueError naming what is wrong."""
+    def add_request(self, prompt: PromptType, params: SamplingParams, request_id: Optional[str] = None,
+                    priority: int = 0) -> str:
+        """Validate, tokenize and queue a request. Raises ValueError naming what is wrong.
+        `priority` (lower runs first) needs scheduling_policy "priority", as in vLLM."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if priority != 0 and self.scheduler_config.scheduling_policy != "priority":
+            raise ValueError(f"got priority {priority}, but priority scheduling is off (--scheduling-policy priority)")
         text, ids = self.tokenize(prompt)
         self.validator.check(ids, params)
         grammar = None
@@ -135,7 +141,7 @@ class LLMEngine:
             self._next_id += 1
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        req = Request(request_id, text, ids, params)
+        req = Request(request_id, text, ids, params, priority)
         for seq in req.seqs:
             if self.tokenizer is not None:
                 seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,

@@ -8,6 +8,7 @@ the newest running sequence is preempted: its blocks are freed and it is recompu
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections import deque
@@ -48,10 +49,23 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_priority_preemptions = 0  # of those, to admit a higher-priority request
         self._finished: list[Sequence] = []  # finished since the last update(), for the engine
 
+    @property
+    def by_priority(self) -> bool:
+        return self.config.scheduling_policy == "priority"
+
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        if self.by_priority:
+            self._insert_waiting(seq)
+        else:
+            self.waiting.append(seq)
+
+    def _insert_waiting(self, seq: Sequence) -> None:
+        """Into the queue at its priority (bisect by key: O(log n) to find, O(n) to insert)."""
+        keys = [q.priority_key for q in self.waiting]
+        self.waiting.insert(bisect.bisect(keys, seq.priority_key), seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -65,7 +79,7 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if seq.spec_token_ids:
                 n = self._with_proposal(seq, n, budget)
-            if self._make_room(seq, n, out):
+            if self._make_room(seq, n, out, i):
                 out.scheduled.append((seq, n))
                 budget -= n
                 i += 1
@@ -79,6 +93,10 @@ class Scheduler:
             cached = hit.num_blocks() * self.block_manager.block_size
             n = min(seq.num_tokens - seq.num_computed_tokens - cached, budget)
             if not self.block_manager.allocate_slots(seq, n, hit):
+                given_back = self._preempt_for(seq, out) if self.by_priority else None
+                if given_back is not None:
+                    budget += given_back
+                    continue  # look again, with the blocks (and budget) of what was preempted
                 if not self.running:
                     # Nothing holds blocks, yet this sequence does not fit: it never will.
                     self.waiting.popleft()
@@ -108,8 +126,10 @@ class Scheduler:
             seq.spec_probs = None
         return n + len(drafts)
 
-    def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
-        """Allocate slots for seq, preempting the newest running sequences until it fits."""
+    def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput, position: int) -> bool:
+        """Allocate slots for seq (running[position]), preempting running sequences not yet
+        scheduled this step until it fits: the newest first (fcfs), or the lowest priority
+        first, the newest among equals (priority)."""
         while not self.block_manager.allocate_slots(seq, n):
             if len(self.running) == 1:
                 # Alone in the pool and still short: preempting itself would loop forever.
@@ -118,12 +138,32 @@ class Scheduler:
                 logger.warning("request %s outgrew the whole KV pool; finished early",
                                seq.request.request_id)
                 return False
-            victim = self.running.pop()
+            if self.by_priority:
+                victim = max(self.running[position:], key=lambda q: q.priority_key)
+                self.running.remove(victim)
+            else:
+                victim = self.running.pop()
             self._preempt(victim)
             out.num_preempted += 1
             if victim is seq:
                 return False
         return True
+
+    def _preempt_for(self, seq: Sequence, out: SchedulerOutput) -> Optional[int]:
+        """Priority scheduling: preempt the lowest-priority running sequence if it ranks below
+        the waiting `seq` (taking it out of this step if it was scheduled). Returns the token
+        budget that gives back, or None when nothing ranks below seq."""
+        lower = [q for q in self.running if q.priority_key > seq.priority_key]
+        if not lower:
+            return None
+        victim = max(lower, key=lambda q: q.priority_key)
+        given_back = sum(n for q, n in out.scheduled if q is victim)
+        out.scheduled = [(q, n) for q, n in out.scheduled if q is not victim]
+        self.running.remove(victim)
+        self._preempt(victim)
+        self.num_priority_preemptions += 1
+        logger.debug("preempted %r for higher-priority %r", victim, seq)
+        return given_back
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
@@ -132,7 +172,10 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        if self.by_priority:
+            self._insert_waiting(seq)
+        else:
+            self.waiting.appendleft(seq)
         logger.debug("preempted %r", seq)
 
     def update(self, out: SchedulerOutput, sampled: dict[int, list[SampledToken]]) -> list[Sequence]:

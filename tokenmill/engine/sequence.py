@@ -68,6 +68,11 @@ class Sequence:
         self.sent_chars = 0
 
     @property
+    def priority_key(self) -> tuple[int, float, int]:
+        """The priority scheduler's order: priority, then arrival, then creation."""
+        return self.request.priority, self.request.metrics.arrival_time, self.seq_id
+
+    @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
@@ -98,8 +103,9 @@ class Request:
     """One user request: the prompt, its parameters and the n sequences that answer it."""
 
     def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
-                 params: SamplingParams) -> None:
+                 params: SamplingParams, priority: int = 0) -> None:
         self.request_id = request_id
+        self.priority = priority  # with scheduling_policy "priority": lower runs first
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params

@@ -36,6 +36,14 @@ class ServerMetrics:
         add(Counter, "num_preemptions", "Sequences preempted for lack of KV blocks.")
         add(Counter, "prompt_tokens", "Prompt tokens computed.")
         add(Counter, "generation_tokens", "Tokens generated.")
+        add(Counter, "spec_decode_num_drafts", "Speculative proposals verified (one per sequence per step).")
+        add(Counter, "spec_decode_num_draft_tokens", "Proposed tokens verified.")
+        add(Counter, "spec_decode_num_accepted_tokens", "Proposed tokens accepted.")
+        add(Counter, "spec_decode_num_accepted_tokens_per_pos", "Proposed tokens accepted, by position in the "
+            "proposal (0 = the first).", ("position",))
+        add(Gauge, "spec_decode_auto_speculating", 'With method "auto": 1 if the last decision was to propose.')
+        add(Gauge, "spec_decode_expected_accepted_length",
+            'With method "auto": tokens a verification is expected to emit, from the measured acceptance.')
         add(Counter, "request_success", "Finished requests by finish reason.", ("finished_reason",))
         add(Counter, "admission_rejections", "Requests refused before the engine.", ("reason",))
         add(Histogram, "time_to_first_token_seconds", "Time to first token.", buckets=_LATENCY_BUCKETS)
@@ -65,6 +73,11 @@ class ModelMetrics:
         self.e2e = f["e2e_request_latency_seconds"].labels(model_name)
         self.batch_seqs = f["batch_size_sequences"].labels(model_name)
         self.batch_tokens = f["batch_size_tokens"].labels(model_name)
+        for name in ("spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens"):
+            setattr(self, name, f[name].labels(model_name))
+        self.spec_per_pos = f["spec_decode_num_accepted_tokens_per_pos"]
+        self.spec_auto = f["spec_decode_auto_speculating"].labels(model_name)
+        self.spec_expected = f["spec_decode_expected_accepted_length"].labels(model_name)
         self.request_success = f["request_success"]
         self.admission_rejections = f["admission_rejections"]
         self._last: dict[str, int] = {}
@@ -99,10 +112,21 @@ class ModelMetrics:
         if s.batch_num_seqs:
             self.batch_seqs.observe(s.batch_num_seqs)
             self.batch_tokens.observe(s.batch_num_tokens)
-        for name in ("prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "prompt_tokens",
-                     "generation_tokens"):
-            value = getattr(s, name)
+        counters = {name: (getattr(s, name), getattr(self, name)) for name in (
+            "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "prompt_tokens", "generation_tokens")}
+        spec = s.spec_decode
+        if spec is not None:
+            counters.update(spec_decode_num_drafts=(spec.num_drafts, self.spec_decode_num_drafts),
+                            spec_decode_num_draft_tokens=(spec.num_draft_tokens, self.spec_decode_num_draft_tokens),
+                            spec_decode_num_accepted_tokens=(spec.num_accepted_tokens,
+                                                             self.spec_decode_num_accepted_tokens))
+            if spec.decision:
+                self.spec_auto.set(1.0 if spec.decision["speculate"] else 0.0)
+                self.spec_expected.set(spec.decision["expected_accepted_length"])
+            for pos, value in enumerate(spec.accepted_per_position):
+                counters[f"spec_pos{pos}"] = (value, self.spec_per_pos.labels(self.model_name, str(pos)))
+        for name, (value, counter) in counters.items():
             delta = value - self._last.get(name, 0)
             if delta > 0:
-                getattr(self, name).inc(delta)
+                counter.inc(delta)
             self._last[name] = value

@@ -35,6 +35,7 @@ class Job:
     params: SamplingParams
     first_choice: int  # index of this job's first choice in the response
     echo: Optional[str] = None  # completions' echo: the prompt's text, put before the output
+    priority: int = 0  # with --scheduling-policy priority: lower runs first
 
 
 class OpenAIServing:
@@ -61,16 +62,19 @@ class OpenAIServing:
         raise BadRequest("prompt must be a string, a list of strings, or token ids", param="prompt")
 
     def _jobs(self, prompts: list[list[int]], make_params, headers: Any, max_tokens: Optional[int],
-              max_tokens_param: str) -> list[Job]:
+              max_tokens_param: str, priority: int = 0) -> list[Job]:
         jobs, choice = [], 0
         validator = self.admission.validator
+        if priority != 0 and self.engine.engine.scheduler_config.scheduling_policy != "priority":
+            raise BadRequest(f"priority {priority} needs the server started with --scheduling-policy priority",
+                             param="priority")
         for ids in prompts:
             # No max_tokens: the rest of the context (a prompt that leaves none fails the check).
             params = make_params(max_tokens if max_tokens is not None else max(1, validator.room(ids)))
             prompt_param = "messages" if max_tokens_param == "max_completion_tokens" else "prompt"
             validator.check(ids, params, max_tokens_must_fit=True, prompt_param=prompt_param,
                             max_tokens_param=max_tokens_param)
-            jobs.append(Job(f"cmpl-{uuid.uuid4().hex}", ids, params, choice))
+            jobs.append(Job(f"cmpl-{uuid.uuid4().hex}", ids, params, choice, priority=priority))
             choice += params.n
         return jobs
 
@@ -109,7 +113,7 @@ class OpenAIServing:
         prompt_lp = body.logprobs if body.echo and body.logprobs is not None else None
         prompts = self._prompts(body)
         jobs = self._jobs(prompts, lambda mt: body.sampling_params(mt, body.logprobs, so, prompt_lp),
-                          request.headers, body.max_tokens, "max_tokens")
+                          request.headers, body.max_tokens, "max_tokens", body.priority)
         if body.echo:
             texts = [body.prompt] if isinstance(body.prompt, str) else None
             if texts is None and all(isinstance(x, str) for x in body.prompt):
@@ -134,7 +138,8 @@ class OpenAIServing:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        jobs = self._jobs([ids], lambda mt: body.sampling_params(mt, logprobs, so), request.headers, max_tokens, param)
+        jobs = self._jobs([ids], lambda mt: body.sampling_params(mt, logprobs, so), request.headers, max_tokens, param,
+                          body.priority)
         self.admission.admit(request.headers, jobs)
         return await self._respond(body, jobs, request, chat=True, plan=plan)
 
@@ -171,7 +176,7 @@ class OpenAIServing:
     async def run_all(self, jobs: list[Job]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every job's outputs as they come, tagged with the job's index. The jobs are submitted
         together, so a list of prompts is batched in the same engine steps, not run in turn."""
-        streams = self.engine.generate_batch([(j.request_id, j.prompt_ids, j.params) for j in jobs])
+        streams = self.engine.generate_batch([(j.request_id, j.prompt_ids, j.params, j.priority) for j in jobs])
         if len(jobs) == 1:
             # aclosing: a caller that stops early closes (and so aborts) the engine request now,
             # not whenever the garbage collector finalizes the generator.

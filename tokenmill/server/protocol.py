@@ -67,6 +67,8 @@ class _SamplingFields(BaseModel):
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[int] = None
+    # vLLM's extension: with --scheduling-policy priority, lower runs first (and may preempt).
+    priority: int = 0
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     presence_penalty: float = 0.0
