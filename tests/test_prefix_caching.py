@@ -104,16 +104,21 @@ def test_spill_tier_cuts_recomputation(ckpt):
                               st.integers(0, 1000)), min_size=5, max_size=40),
        spill=st.booleans())
 def test_random_streams_keep_the_pool_consistent(ckpt, ops, spill):
-    llm = _pool_llm(ckpt, spill)
-    engine = llm.llm_engine
-    rng = random.Random(len(ops))
     bases = random_prompts([12, 20, 7], seed=60)
+    run_stream(_pool_llm(ckpt, spill).llm_engine, ops,
+               lambda x: (bases[x % 3][: 4 + x % 16] + [5 + x % 50] * (x % 9),
+                          SamplingParams(temperature=0, max_tokens=1 + x % 6, ignore_eos=True)))
+
+
+def run_stream(engine, ops: list[tuple[str, int]], request_of) -> None:
+    """Play hypothesis' ops (add: request_of(x) -> (prompt ids, params); step; abort a live
+    request) to the end, then check the pool is whole again."""
+    rng = random.Random(len(ops))
     live: list[str] = []
     for op, x in ops:
         if op == "add":
-            prompt = bases[x % 3][: 4 + x % 16] + [5 + x % 50] * (x % 9)
-            live.append(engine.add_request({"prompt_token_ids": prompt},
-                                           SamplingParams(temperature=0, max_tokens=1 + x % 6, ignore_eos=True)))
+            prompt, params = request_of(x)
+            live.append(engine.add_request({"prompt_token_ids": prompt}, params))
         elif op == "abort" and live:
             engine.abort_request(live.pop(rng.randrange(len(live))))
         else:

@@ -4,7 +4,6 @@ rejections, and what each request feature does with proposals."""
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import hf_greedy, random_prompts
-from tests.test_prefix_caching import check_invariants
+from tests.test_prefix_caching import check_invariants, run_stream
 from tokenmill import LLM, SamplingParams
 from tokenmill.spec_decode.config import SpeculativeConfig
 from tokenmill.spec_decode.ngram import NgramProposer
@@ -178,22 +177,10 @@ def test_random_streams_with_proposals_keep_the_pool_consistent(make_checkpoint,
         path, _ = make_checkpoint("LlamaForCausalLM", seed=21, initializer_range=0.08)
         _stream_llm["llm"] = LLM(path, skip_tokenizer_init=True, block_size=4, num_gpu_blocks_override=14,
                                  max_num_batched_tokens=16, speculative_config=NGRAM)
-    engine = _stream_llm["llm"].llm_engine
-    rng = random.Random(len(ops))
     bases = repetitive_prompts(seed=60)
-    live: list[str] = []
-    for op, x in ops:
-        if op == "add":
-            prompt = bases[x % len(bases)][: 4 + x % 20]
-            params = SamplingParams(temperature=0 if x % 2 else 1.0, max_tokens=1 + x % 9, ignore_eos=True)
-            live.append(engine.add_request({"prompt_token_ids": prompt}, params))
-        elif op == "abort" and live:
-            engine.abort_request(live.pop(rng.randrange(len(live))))
-        else:
-            engine.step()
-    while engine.has_unfinished_requests():
-        engine.step()
-    check_invariants(engine)
+    run_stream(_stream_llm["llm"].llm_engine, ops,
+               lambda x: (bases[x % len(bases)][: 4 + x % 20],
+                          SamplingParams(temperature=0 if x % 2 else 1.0, max_tokens=1 + x % 9, ignore_eos=True)))
 
 
 def test_draft_model_proposals_keep_greedy_exact_and_its_kv_in_step(make_checkpoint):

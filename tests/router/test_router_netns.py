@@ -9,22 +9,20 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.router.conftest import UvicornThread, wait_for
 from tokenmill.router.config import RouterConfig
 from tokenmill.router.proxy import build_app
 from tokenmill.router.replicas import Replica
@@ -56,48 +54,6 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and r.returncode != 0:
         raise NetnsError(f"`ip {' '.join(args)}` exited {r.returncode}: {(r.stderr or r.stdout).strip()}")
     return r
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str, every: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(every)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class UvicornThread:
-    """An ASGI app (with its lifespan) served on a loopback port from a background thread."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self.app, self.port = app, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server: Optional[uvicorn.Server] = None
-        self.thread: Optional[threading.Thread] = None
-
-    def start(self) -> "UvicornThread":
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="critical", lifespan="on",
-                                timeout_graceful_shutdown=1)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        wait_for(lambda: self.server.started or not self.thread.is_alive(), 10, "uvicorn to start")
-        assert self.server.started, "the router did not start"
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None and self.thread is not None and self.thread.is_alive():
-            self.server.should_exit = self.server.force_exit = True
-            self.thread.join(10)
 
 
 # --- the hosts: a namespace, a veth pair and a replica process each -----------------------------
@@ -225,7 +181,7 @@ def hosts(tmp_path_factory) -> Iterator[list[Host]]:
                 if h.proc.poll() is not None:
                     raise AssertionError(f"replica {h.name} exited {h.proc.returncode}: {h.log.read_text()}")
                 return h.answers()
-            wait_for(up, 30, f"replica {h.name} at {h.url} to answer /health", every=0.05)
+            wait_for(up, 30, f"replica {h.name} at {h.url} to answer /health")
         yield made
     finally:
         _teardown(made)
@@ -249,7 +205,7 @@ class Router:
 @pytest.fixture
 def router(hosts) -> Iterator[Router]:
     app = build_app(RouterConfig(**ROUTER_CONFIG), [Replica(h.url) for h in hosts])
-    server = UvicornThread(app).start()  # the lifespan checks every replica before it serves
+    server = UvicornThread(app, lifespan="on").start()  # the lifespan checks every replica before it serves
     rt = Router(app, server, httpx.Client(base_url=server.url, timeout=10, trust_env=False))
     try:
         assert [r.healthy for r in app.state.fleet.replicas] == [True] * len(hosts), \
