@@ -315,3 +315,29 @@ def test_stop_strings_and_json_schema_with_proposals():
     b = spec.generate([json_prompt], constrained, use_tqdm=False)[0].outputs[0]
     assert b.token_ids == a.token_ids and set(json.loads(b.text)) == {"name", "n"}
     assert spec_stats(spec).num_accepted_tokens > before  # the constrained request took proposals
+
+
+def test_auto_counts_each_budget_and_tests_a_no_again():
+    from tokenmill.spec_decode.speculator import _PROBE_EVERY, Speculator
+
+    config = SpeculativeConfig.parse({"method": "auto", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
+                                      "prompt_lookup_max": 2})
+    spec = Speculator(config, _FakeCost(), max_model_len=1000)
+    spec.peaks = (1e14, 1e12)
+    # 190 sequences with one output token left: a single proposal each doubles the step's tokens
+    # (1.6x its time, just past the ridge) and is expected to emit 1.5 tokens (the prior): no.
+    # Counting all k = 4 positions instead (1.94 tokens) would have said yes.
+    last = _decoding(190)
+    for s in last:
+        s.params.max_tokens = s.num_output_tokens + 2
+    spec.propose(last)
+    d = spec.stats.decision
+    assert not d["speculate"] and 1.49 < d["expected_accepted_length"] < 1.51, d
+    big = _decoding(512)
+    for _ in range(_PROBE_EVERY - 1):
+        spec.propose(big)
+    assert not spec.stats.decision["speculate"]
+    spec.propose(big)  # the probe: proposals once in a while, so acceptance is measured again
+    assert spec.stats.decision == dict(speculate=True, probe=True, batch=512, proposing=512)
+    spec.observe_step(0.5, [(100, 1)] * 8)  # a slow host: half a second beyond the roofline
+    assert spec.overhead_s > 0.49

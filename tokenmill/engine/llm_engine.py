@@ -242,7 +242,11 @@ class LLMEngine:
             self._admit_compiled()
             sched = self.scheduler.schedule()
         grammars = {s.seq_id: s.grammar for s, _ in sched.scheduled if s.grammar is not None}
+        chunks = [(q.num_computed_tokens, n) for q, n in sched.scheduled]
+        started = time.perf_counter()
         sampled = self.model_runner.execute(sched, self._banned(sched), grammars) if not sched.is_empty else {}
+        if self.speculator is not None and chunks and not any(q.spec_token_ids for q, _ in sched.scheduled):
+            self.speculator.observe_step(time.perf_counter() - started, chunks)
         # Prompt positions computed this step (recomputation after preemption included).
         prompt_tokens = sum(max(0, min(q.num_computed_tokens + n, q.num_prompt_tokens) - q.num_computed_tokens)
                             for q, n in sched.scheduled)

@@ -46,6 +46,8 @@ class ServerMetrics:
             'With method "auto": tokens a verification is expected to emit, from the measured acceptance.')
         add(Counter, "request_success", "Finished requests by finish reason.", ("finished_reason",))
         add(Counter, "admission_rejections", "Requests refused before the engine.", ("reason",))
+        add(Gauge, "num_requests_admitted", "Requests admitted and not yet ended, by API key id (fair shares).",
+            ("key_id",))
         add(Histogram, "time_to_first_token_seconds", "Time to first token.", buckets=_LATENCY_BUCKETS)
         add(Histogram, "inter_token_latency_seconds", "Time between generated tokens.", buckets=_LATENCY_BUCKETS)
         add(Histogram, "e2e_request_latency_seconds", "Request latency, arrival to finish.", buckets=_LATENCY_BUCKETS)
@@ -80,11 +82,15 @@ class ModelMetrics:
         self.spec_expected = f["spec_decode_expected_accepted_length"].labels(model_name)
         self.request_success = f["request_success"]
         self.admission_rejections = f["admission_rejections"]
+        self.num_requests_admitted = f["num_requests_admitted"]
         self._last: dict[str, int] = {}
         for reason in ("stop", "length", "abort", "error"):
             self.request_success.labels(model_name, reason)
         for reason in ("capacity", "rate_limit", "auth", "signature", "bad_request"):
             self.admission_rejections.labels(model_name, reason)
+
+    def admitted_by_key(self, key_id: str, count: int) -> None:
+        self.num_requests_admitted.labels(self.model_name, key_id).set(count)
 
     def reject(self, reason: str) -> None:
         self.admission_rejections.labels(self.model_name, reason).inc()
@@ -122,7 +128,8 @@ class ModelMetrics:
                                                              self.spec_decode_num_accepted_tokens))
             if spec.decision:
                 self.spec_auto.set(1.0 if spec.decision["speculate"] else 0.0)
-                self.spec_expected.set(spec.decision["expected_accepted_length"])
+                if "expected_accepted_length" in spec.decision:  # not on a probe step
+                    self.spec_expected.set(spec.decision["expected_accepted_length"])
             for pos, value in enumerate(spec.accepted_per_position):
                 counters[f"spec_pos{pos}"] = (value, self.spec_per_pos.labels(self.model_name, str(pos)))
         for name, (value, counter) in counters.items():

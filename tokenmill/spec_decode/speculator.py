@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 # Before anything is measured, "auto" assumes each position is accepted half the time.
 _PRIOR_ACCEPTANCE = 0.5
 _PRIOR_WEIGHT = 8  # proposals' worth of that prior, so a handful of real ones dominate it
+# After this many steps decided against proposing, one step proposes anyway, to measure again.
+_PROBE_EVERY = 64
 
 
 @dataclass
@@ -70,6 +72,8 @@ class Speculator:
         self.draft = draft
         self.stats = SpecDecodeStats(accepted_per_position=[0] * self.k)
         self.peaks: Optional[tuple[float, float]] = None  # (FLOP/s, bytes/s), set by the engine for "auto"
+        self.overhead_s = 0.0  # measured host time per forward beyond the roofline (observe_step)
+        self._declined = 0  # steps decided against proposing since the last proposal
 
     def budget(self, seq: Sequence) -> int:
         """Proposals worth making: every emitted token counts against max_tokens and the model
@@ -103,35 +107,55 @@ class Speculator:
         for seq in seqs:
             seq.spec_token_ids = self.ngram.propose(seq.token_ids, self.budget(seq))
 
-    def expected_length(self) -> float:
-        """E[tokens emitted per verification of k proposals], from the measured per-position
-        acceptance (each position's unconditional rate), blended with a prior."""
+    def expected_length(self, budget: Optional[int] = None) -> float:
+        """E[tokens emitted by a verification of `budget` (default k) proposals], from the
+        measured per-position acceptance (each position's unconditional rate), blended with a
+        prior."""
         s, w = self.stats, _PRIOR_WEIGHT
         return 1.0 + sum((s.accepted_per_position[j] + w * _PRIOR_ACCEPTANCE ** (j + 1)) / (s.num_drafts + w)
-                         for j in range(self.k))
+                         for j in range(self.k if budget is None else budget))
 
     def pays(self, running: list[Sequence], seqs: list[Sequence]) -> bool:
-        """The roofline's verdict for this step (see the module docstring); recorded in stats."""
+        """The roofline's verdict for this step (see the module docstring); recorded in stats.
+
+        Two corrections to the pure roofline: each forward also costs the host time measured
+        beyond its roofline time (launching kernels, building the batch; it is what a draft
+        model's k small forwards mostly cost), and a "no" is tested again now and then by
+        proposing anyway, or an acceptance rate measured once could never be revised."""
         if self.peaks is None:
             return True
+        if self._declined >= _PROBE_EVERY:
+            self._declined = 0
+            self.stats.decision = dict(speculate=True, probe=True, batch=len(running), proposing=len(seqs))
+            return True
         flops, bandwidth = self.peaks
+        overhead = self.overhead_s
         decodes = [(s.num_computed_tokens, 1) for s in running]
-        plain = step_seconds(self.cost, decodes, flops, bandwidth)
-        chosen = {s.seq_id for s in seqs}
-        spec_chunks = [(s.num_computed_tokens, 1 + (self.budget(s) if s.seq_id in chosen else 0)) for s in running]
-        spec = step_seconds(self.cost, spec_chunks, flops, bandwidth)
+        plain = step_seconds(self.cost, decodes, flops, bandwidth) + overhead
+        budgets = {s.seq_id: self.budget(s) for s in seqs}
+        spec_chunks = [(s.num_computed_tokens, 1 + budgets.get(s.seq_id, 0)) for s in running]
+        spec = step_seconds(self.cost, spec_chunks, flops, bandwidth) + overhead
         if self.draft is not None:
-            spec += self.draft.propose_seconds(seqs, self.k, flops, bandwidth)
-        expected = self.expected_length()
+            spec += self.draft.propose_seconds(seqs, self.k, flops, bandwidth) + self.k * overhead
+        # Per sequence: what its own budget of proposals is expected to emit.
+        emitted_spec = len(running) - len(seqs) + sum(self.expected_length(b) for b in budgets.values())
         emitted_plain = len(running)
-        emitted_spec = len(running) - len(seqs) + len(seqs) * expected
         ok = spec / emitted_spec < plain / emitted_plain
-        self.stats.decision = dict(speculate=ok, batch=len(running), proposing=len(seqs),
-                                   expected_accepted_length=round(expected, 3),
-                                   plain_step_s=plain, speculative_step_s=spec,
+        self._declined = 0 if ok else self._declined + 1
+        self.stats.decision = dict(speculate=ok, probe=False, batch=len(running), proposing=len(seqs),
+                                   expected_accepted_length=round(emitted_spec / len(running), 3),
+                                   host_overhead_s=overhead, plain_step_s=plain, speculative_step_s=spec,
                                    plain_s_per_token=plain / emitted_plain,
                                    speculative_s_per_token=spec / emitted_spec)
         return ok
+
+    def observe_step(self, seconds: float, chunks: list[tuple[int, int]]) -> None:
+        """A plain (no proposals) step's measured time: what it took beyond its roofline time is
+        the per-forward host overhead (an exponential moving average)."""
+        if self.peaks is None or not chunks:
+            return
+        extra = max(0.0, seconds - step_seconds(self.cost, chunks, *self.peaks))
+        self.overhead_s = extra if self.overhead_s == 0.0 else 0.9 * self.overhead_s + 0.1 * extra
 
     def record(self, drafted: dict[int, int], sampled: dict[int, list[SampledToken]]) -> None:
         """After a step: each verified proposal's accepted length."""
