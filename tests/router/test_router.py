@@ -459,3 +459,13 @@ def test_real_replicas_stream_and_second_turn_hits_the_same_cache(real_fleet, ro
     after = {s.url: s.metrics()["tokenmill:prefix_cache_hits_total"] for s in servers}
     assert after[same.url] > before[same.url] and after[other.url] == before[other.url]
     assert rt.metrics()[f"tokenmill_router:cache_affinity_hits_total{{replica={home}}}"] == 1
+    # A client that leaves mid-stream: the router closes its request, the replica aborts it and
+    # its KV blocks go back to the pool.
+    long = {"model": "demo", "max_tokens": 600, "ignore_eos": True, "stream": True, "messages": messages}
+    with rt.client.stream("POST", CHAT, json=long) as r:
+        serving = next(s for s in servers if s.url == r.headers["x-tokenmill-replica"])
+        lines = r.iter_lines()
+        assert next(lines).startswith("data:")
+        assert serving.metrics()["tokenmill:num_requests_running"] == 1
+    wait_for(lambda: serving.metrics()["tokenmill:num_requests_running"] == 0
+             and serving.metrics()["tokenmill:kv_cache_usage_perc"] == 0.0, 10.0, "the replica to free the request's KV")
