@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from tokenmill.logs import LOG_FORMATS, configure_logging, resolve as resolve_logging
 from tokenmill.quantization.config import SUPPORTED_BITS
 
 logger = logging.getLogger("tokenmill")
@@ -21,8 +22,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="checkpoint folder (default: the bundled demo model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="most sequences in a batch (default: from the roofline, logged at INFO)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per step (default: from the roofline, logged at INFO)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -39,6 +42,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "batch size (default); the others force one")
     p.add_argument("--distributed-timeout-seconds", type=float, default=120.0,
                    help="seconds a rank waits on a peer before the engine fails (a dead or hung rank)")
+    p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                   help="fcfs, or priority: each request's `priority` (lower first) orders the queue and "
+                        "preempts lower-priority running requests for KV blocks")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, as vLLM: \'{"method": "ngram", "num_speculative_tokens": 4, '
+                        '"prompt_lookup_min": 2, "prompt_lookup_max": 5}\', a draft checkpoint '
+                        '\'{"model": PATH, "num_speculative_tokens": 4}\', or "method": "auto" '
+                        '(propose only while the roofline says it pays)')
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -64,7 +75,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 swap_space=args.swap_space, tensor_parallel_size=args.tensor_parallel_size,
                 pipeline_parallel_size=args.pipeline_parallel_size,
                 distributed_timeout_seconds=args.distributed_timeout_seconds,
-                linear_backend=args.linear_backend)
+                linear_backend=args.linear_backend, speculative_config=args.speculative_config,
+                scheduling_policy=args.scheduling_policy)
 
 
 def _sampling_params(args: argparse.Namespace):
@@ -178,15 +190,33 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_log_args(p: argparse.ArgumentParser, subcommand: bool = False) -> None:
+    """--log-level and --log-format, before the command (`tokenmill --log-level DEBUG serve`) or,
+    for serve, after it; given after the command, they win."""
+    default = argparse.SUPPRESS if subcommand else None
+    p.add_argument("--log-level", default=default, type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                   help="default: $TOKENMILL_LOG_LEVEL, else INFO for serve and WARNING for the other commands")
+    p.add_argument("--log-format", default=default, choices=list(LOG_FORMATS),
+                   help="text, or json: one JSON object per line, for log shippers "
+                        "(default: $TOKENMILL_LOG_FORMAT, else text)")
+
+
+# Commands that log at INFO unless told otherwise: a server should say what it is doing.
+_INFO_COMMANDS = {"serve"}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from tokenmill.server.app import run_server
 
+    # The model workers of a parallel engine (other processes) log at the server's level, in its format.
+    os.environ["TOKENMILL_LOG_LEVEL"], os.environ["TOKENMILL_LOG_FORMAT"] = args.log_level, args.log_format
     return run_server(args, engine_kwargs(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmill", description="LLM inference and serving engine")
-    parser.add_argument("--log-level", default=os.environ.get("TOKENMILL_LOG_LEVEL", "WARNING"))
+    add_log_args(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text, streamed as it is made")
@@ -202,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
     add_engine_args(srv)
     add_server_args(srv)
+    add_log_args(srv, subcommand=True)
     srv.set_defaults(func=cmd_serve)
 
     from tokenmill.router import cli as router_cli
@@ -237,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
         (bench, "prefix", "prefix", "multi-turn chat: prefix cache off / on / under pressure / spill"),
         (bench, "parallel", "parallel", "tokens/s of tensor/pipeline-parallel layouts against one process"),
         (bench, "structured", "structured", "structured outputs on the demo model: validity, constrained decode tok/s, TTFT"),
+        (bench, "fleet", "fleet", "3 replicas behind the router: multi-turn chat per routing policy, and a replica killed mid-run"),
+        (bench, "spec", "spec", "speculative decoding: decode tok/s and acceptance per proposer (none, ngram, draft, auto)"),
+        (bench, "capacity", "capacity", "admission by expected wait: refusals and admitted TTFT against offered load, with and without the bouncer"),
     ):
         mod = importlib.import_module(f"tokenmill.bench.{module}")
         cmd = group.add_parser(name, help=help_text)
@@ -248,7 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        level, fmt = resolve_logging(args.log_level, args.log_format,
+                                     "INFO" if args.command in _INFO_COMMANDS else "WARNING")
+    except ValueError as e:
+        parser.error(str(e))
+    configure_logging(level, fmt)
+    args.log_level, args.log_format = level, fmt
     try:
         return args.func(args)
     except ValueError as e:

@@ -143,19 +143,25 @@ class CacheConfig:
 class SchedulerConfig:
     """How much work one engine step may do."""
 
-    max_num_seqs: int = 64  # sequences in the running batch
-    # Tokens per step (prefill chunks + decodes). None: max(2048, max_model_len) so a whole
-    # prompt usually fits in one step; smaller values make long prompts prefill in chunks.
+    # Sequences in the running batch, and tokens per step (prefill chunks + decodes; long prompts
+    # prefill in chunks). None: chosen from the device's roofline when the engine is built
+    # (engine/batch_limits.resolve_scheduler_limits): the decode batch where the weight GEMMs
+    # near their compute-bound rate, capped by the KV pool, plus room for a prefill chunk as efficient.
+    max_num_seqs: Optional[int] = None
     max_num_batched_tokens: Optional[int] = None
     max_model_len: int = 2048
+    # "fcfs": first come, first served. "priority": a request's `priority` (lower runs first,
+    # vLLM's convention; ties by arrival) orders the queue, and a waiting request preempts
+    # running ones of lower priority when it needs their blocks.
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = max(2048, self.max_model_len)
-        if self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 (or None: chosen from the roofline), got {value!r}")
 
 
 @dataclass

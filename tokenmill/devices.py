@@ -123,14 +123,21 @@ def device_peaks_for(device_name: str, dtype: Any) -> Optional[tuple[float, floa
     return None
 
 
+_PROBED: dict[tuple[str, str], tuple[float, float]] = {}
+
+
 def peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
-    """(peak FLOP/s, bandwidth) the engine measures utilization against: the datasheet on a known
-    GPU, a short probe otherwise (a few seconds)."""
+    """(peak FLOP/s, bandwidth) the engine sizes its batch by and measures utilization against:
+    the datasheet on a known GPU, a short probe otherwise (0.5-2 s), done once per process: the
+    engine's start (batch limits) and the meter (MBU/MFU) then read the same numbers."""
     if device.type == "cuda":
         known = device_peaks_for(torch.cuda.get_device_name(device), dtype)
         if known is not None:
             return known
-    return measure_matmul_flops(device, dtype), measure_read_bandwidth(device)
+    key = (str(device), str(dtype))
+    if key not in _PROBED:
+        _PROBED[key] = measure_matmul_flops(device, dtype), measure_read_bandwidth(device)
+    return _PROBED[key]
 
 
 def cpu_device(dtype: str = "float32", n: int = 2048, mib: int = 512, flops: Optional[float] = None,

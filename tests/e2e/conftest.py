@@ -4,6 +4,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Optional
@@ -28,10 +29,16 @@ class Server:
                                       "--grpc-port", str(self.grpc_port),
                                       *(["--served-model-name", "demo"] if served_model_name else []), *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env)
+        # The server logs at INFO (a line per request): read its output as it comes, or a full
+        # pipe would stall it.
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
+                self._reader.join(timeout=5)
+                raise RuntimeError(f"server exited: {self.output()}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
                     return
@@ -40,6 +47,29 @@ class Server:
             time.sleep(0.3)
         self.stop()
         raise RuntimeError("server did not become healthy in 120 s")
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def output(self) -> str:
+        """Everything the server printed so far (its log)."""
+        return "\n".join(self.lines)
+
+    def wait_for_line(self, predicate, timeout: float = 10.0) -> Optional[str]:
+        """The first line of the server's output (from the start) for which predicate holds,
+        waiting up to `timeout` seconds for it."""
+        deadline = time.time() + timeout
+        seen = 0
+        while True:
+            lines = self.lines[:]
+            for line in lines[seen:]:
+                if predicate(line):
+                    return line
+            seen = len(lines)
+            if time.time() >= deadline:
+                return None
+            time.sleep(0.05)
 
     def metrics(self) -> dict[str, float]:
         from prometheus_client.parser import text_string_to_metric_families

@@ -63,8 +63,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=parse_range, default=(128, 128), help="N or LO-HI (uniform)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--hf-batch-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="default: chosen from the roofline (before: 64)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="default: chosen from the roofline (before: max(2048, max_model_len))")
     p.add_argument("--single-stream-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/tokenmill/bench"))
@@ -110,7 +112,9 @@ def _run_tokenmill(model: str, args: argparse.Namespace, work, bandwidth: float)
         engine.step()
         steps += 1
     decode_tps = steps / (time.perf_counter() - t1)
+    sched = engine.scheduler_config
     return dict(elapsed_s=elapsed, output_tokens=n_out, output_tokens_per_s=n_out / elapsed,
+                max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=sched.max_num_batched_tokens,
                 single_stream_decode_tokens_per_s=decode_tps, weight_bytes=engine.model_runner.weight_bytes,
                 mbu=util["mbu"], mfu=util["mfu"], peak_flops=util["peak_flops"],
                 peak_bandwidth=util["peak_bandwidth"])
@@ -177,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
                   quantized=quantized)
     print(f"\nmodel {model} ({tm['weight_bytes'] / 1e6:.0f} MB of weights, {args.dtype}), "
           f"{args.num_prompts} prompts, input {args.input_len}, output {args.output_len}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; tokenmill max_num_seqs={tm['max_num_seqs']}, "
+          f"max_num_batched_tokens={tm['max_num_batched_tokens']}")
     print(f"{'':44}{'transformers':>14}{'tokenmill':>14}{'ratio':>9}")
     for key, label in (("output_tokens_per_s", "output tokens/s"), ("elapsed_s", "elapsed s"),
                        ("single_stream_decode_tokens_per_s", "single-stream decode tok/s")):

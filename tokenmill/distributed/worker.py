@@ -22,8 +22,13 @@ def worker_main(rank: int, tp: int, pp: int, init_method: str, backend: str, tim
                 num_threads: Optional[int], device: Optional[str], watch_parent: bool = False) -> None:
     from tokenmill.engine.model_runner import ModelRunner  # the runner imports the executor side
 
-    logging.basicConfig(level=os.environ.get("TOKENMILL_LOG_LEVEL", "WARNING").upper(),
-                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    from tokenmill.logs import configure_logging, resolve
+
+    try:  # rank 0's level and format (`tokenmill serve` exports them), else WARNING in text
+        level, fmt = resolve(None, None)
+    except ValueError:
+        level, fmt = "WARNING", "text"
+    configure_logging(level, fmt, rank=rank)
     # Ctrl-C reaches the whole process group; rank 0 decides when the workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if num_threads:

@@ -41,6 +41,8 @@ class AsyncLLMEngine:
         self.engine = engine
         # Called on the engine thread after each loop turn with whether a step ran (the metrics).
         self.on_step = on_step
+        # More callbacks like on_step, called after it (the bouncer's load probe: server/load_probe.py).
+        self.step_listeners: list[Callable[[LLMEngine, bool], None]] = []
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
@@ -200,6 +202,8 @@ class AsyncLLMEngine:
                 self._refresh_load()
                 if self.on_step is not None:
                     self.on_step(engine, stepped)
+                for listener in self.step_listeners:
+                    listener(engine, stepped)
         except BaseException as e:  # noqa: BLE001 - any failure must reach every waiting stream
             logger.exception("engine loop failed")
             with self._lock:

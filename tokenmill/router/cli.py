@@ -80,5 +80,5 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     app = build_app(config, *discovery_from_args(args))
     logger.info("router on http://%s:%d", args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", log_config=None)  # tokenmill's format
     return 0

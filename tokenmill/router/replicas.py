@@ -55,9 +55,11 @@ class Replica:
 
     @property
     def load(self) -> float:
-        """Requests on the replica per unit of weight. The router's own in-flight count covers the
-        requests sent since the last poll, which the replica's gauges do not show yet."""
-        return (self.running + self.waiting + self.in_flight) / self.weight
+        """Requests on the replica per unit of weight: the larger of what it reported at the last
+        poll and what this router has in flight to it. Adding the two would count a request twice
+        once the replica reports it (and the gauges change only between engine steps, so a
+        replica in a long step would look idle and attract more)."""
+        return max(self.running + self.waiting, self.in_flight) / self.weight
 
     def has_room(self, kv_full: float) -> bool:
         """False when the replica is queueing requests with its KV cache (nearly) full: it would

@@ -11,6 +11,7 @@ import logging
 import threading
 from typing import Mapping, Optional
 
+from tokenmill.server import access_log
 from tokenmill.server.api_keys import KeyInfo, KeyStore
 from tokenmill.server.rate_limit import RateLimiter
 from tokenmill.server.refusal import Refusal
@@ -49,8 +50,13 @@ class AccessController:
               num_tokens: int) -> Optional[KeyInfo]:
         key_id = "unknown"  # until authentication tells us who is calling
         try:
-            key = self.keys.authenticate(authorization)
-            key_id = key.key_id if key is not None else "anonymous"
+            try:
+                key = self.keys.authenticate(authorization)
+                key_id = key.key_id if key is not None else "anonymous"
+            finally:
+                record = access_log.current()  # the access log names the caller by key id, never by key
+                if record is not None:
+                    record.key_id = key_id
             policy = key.signature if key is not None and key.signature is not None else self.signature
             mismatch = policy.check(headers) if policy is not None else None
             if mismatch is not None:

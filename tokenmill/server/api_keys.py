@@ -30,12 +30,17 @@ class KeyInfo:
     requests_per_minute: Optional[float] = None
     tokens_per_minute: Optional[float] = None
     signature: Optional[SignaturePolicy] = None
+    # Its share of the server's capacity relative to the other keys' (admission.py: fair shares).
+    weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.key_id, str) or not self.key_id:
             raise ValueError(f"key id must be a non-empty string; got {self.key_id!r}")
         positive_or_none("requests_per_minute", self.requests_per_minute)
         positive_or_none("tokens_per_minute", self.tokens_per_minute)
+        if self.weight is None:
+            raise ValueError("weight must be a positive number; got None")
+        positive_or_none("weight", self.weight)
         if self.signature is not None and not isinstance(self.signature, SignaturePolicy):
             raise ValueError(f"signature must be a SignaturePolicy; got {type(self.signature).__name__}")
 
@@ -85,7 +90,7 @@ class KeyStore:
                 raise ValueError(f"{where}: must be a JSON object")
             if isinstance(entry.get("id"), str):
                 where += f" (id {entry['id']!r})"
-            unknown = set(entry) - {"id", "key", "requests_per_minute", "tokens_per_minute", "signature"}
+            unknown = set(entry) - {"id", "key", "requests_per_minute", "tokens_per_minute", "signature", "weight"}
             if unknown:
                 raise ValueError(f"{where}: unknown fields {', '.join(sorted(unknown))}")
             for name in ("id", "key"):
@@ -94,7 +99,8 @@ class KeyStore:
             try:
                 sig = entry.get("signature")
                 info = KeyInfo(entry["id"], entry.get("requests_per_minute"), entry.get("tokens_per_minute"),
-                               SignaturePolicy.from_dict(sig) if sig is not None else None)
+                               SignaturePolicy.from_dict(sig) if sig is not None else None,
+                               weight=entry.get("weight", 1.0))
                 self.add(entry["key"], info)
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{where}: {e}") from None

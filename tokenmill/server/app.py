@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import time
 import contextlib
+import gc
+import logging
+import os
+import signal
+import sys
+import time
+from collections import Counter
 from pathlib import Path
 from collections.abc import AsyncIterator
 from typing import Any, Optional
@@ -24,14 +29,17 @@ from tokenmill.server.access import AccessController
 from tokenmill.server.admission import CapacityLimits
 from tokenmill.server.chat_tools import ToolSettings
 from tokenmill.server.errors import HealthResponse, error_body, error_responses
+from tokenmill.server.access_log import note_model, note_refusal
 from tokenmill.server.kserve.http import kserve_router
+from tokenmill.server.lifecycle import Lifecycle, Server
+from tokenmill.server.middleware import AccessLogMiddleware
 from tokenmill.server.live_stats import live_stats
 from tokenmill.server.metrics import ServerMetrics
 from tokenmill.server.protocol import ChatCompletionRequest, CompletionRequest, request_fields
 from tokenmill.server.refusal import Refusal
 from tokenmill.structured.tool_parsers import TOOL_PARSERS
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("tokenmill.server")
 
 WEB_DIR = Path(__file__).parent / "web"
 
@@ -45,11 +53,14 @@ _MODELS_ERRORS = error_responses(401)
 
 
 def build_app(served: list[ServedModel], access: AccessController, server_metrics: ServerMetrics,
-              grpc_address: Optional[tuple[str, int]] = None) -> FastAPI:
+              grpc_address: Optional[tuple[str, int]] = None, lifecycle: Optional[Lifecycle] = None,
+              log_prompts: bool = False) -> FastAPI:
     """The server's routes for every served model (requests pick one by name); with
     grpc_address, the gRPC inference service runs beside them on the same event loop (started
-    and stopped with the app)."""
-    registry = ServedModels(served, access, server_metrics)
+    and stopped with the app). `lifecycle` says when the server drains for a shutdown;
+    `log_prompts` puts the prompts' text in the access log."""
+    lifecycle = lifecycle or Lifecycle()
+    registry = ServedModels(served, access, server_metrics, lifecycle)
     metrics = registry.default_metrics  # for errors raised before a request names its model
 
     @contextlib.asynccontextmanager
@@ -58,7 +69,7 @@ def build_app(served: list[ServedModel], access: AccessController, server_metric
         # tritonclient.grpc's own in a process that imports both and never starts the service.
         from tokenmill.server.kserve.grpc_server import start_grpc_server
 
-        grpc_server = (await start_grpc_server(registry.kserve, lambda: registry.serving, registry.index,
+        grpc_server = (await start_grpc_server(registry.kserve, lambda: registry.ready, registry.index,
                                                  *grpc_address)
                        if grpc_address else None)
         try:
@@ -69,13 +80,15 @@ def build_app(served: list[ServedModel], access: AccessController, server_metric
 
     app = FastAPI(title="tokenmill", description="OpenAI-compatible LLM server, and Triton's (KServe v2) protocol",
                   lifespan=lifespan)
-    app.include_router(kserve_router(registry.kserve, lambda: registry.serving, registry.index))  # /v2/...
+    app.include_router(kserve_router(registry.kserve, lambda: registry.ready, registry.index))  # /v2/...
+    app.add_middleware(AccessLogMiddleware, lifecycle=lifecycle, log_prompts=log_prompts)  # x-request-id, access log
     # The chat page and the dashboard: static files shipped in the package, nothing from a CDN.
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
     created = int(time.time())
 
     @app.exception_handler(Refusal)
     async def _refusal(_: Request, r: Refusal) -> JSONResponse:
+        note_refusal(r.reason, r.code)
         headers = {"Retry-After": str(int(r.retry_after))} if r.retry_after not in (None, float("inf")) else None
         return JSONResponse(r.to_openai_body(), status_code=r.status, headers=headers)
 
@@ -83,11 +96,13 @@ def build_app(served: list[ServedModel], access: AccessController, server_metric
     async def _bad_request(_: Request, e: InvalidRequest) -> JSONResponse:
         metrics.reject("bad_request")
         status = getattr(e, "status", 400)
+        note_refusal("bad_request", e.code)
         return JSONResponse(error_body(e.message, status, param=e.param, code=e.code), status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         metrics.reject("bad_request")
+        note_refusal("bad_request", None)
         errors = e.errors()
         first = errors[0] if errors else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
@@ -98,21 +113,27 @@ def build_app(served: list[ServedModel], access: AccessController, server_metric
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
         # Starlette's own headers stay (a 405's Allow header lists the methods the route takes).
+        note_refusal("bad_request", None)
         return JSONResponse(error_body(str(e.detail), e.status_code), status_code=e.status_code,
                             headers=getattr(e, "headers", None))
 
     @app.exception_handler(ValueError)
     async def _value(_: Request, e: ValueError) -> JSONResponse:
         metrics.reject("bad_request")
+        note_refusal("bad_request", None)
         return JSONResponse(error_body(str(e), 400), status_code=400)
 
     @app.exception_handler(EngineDeadError)
     async def _dead(_: Request, e: EngineDeadError) -> JSONResponse:
+        note_refusal("engine_unavailable", "engine_unavailable")
         return JSONResponse(error_body(str(e), 503, code="engine_unavailable"), status_code=503)
 
     @app.get("/health", response_model=HealthResponse,
-             responses={503: {"model": HealthResponse, "description": "The engine is not serving."}})
+             responses={503: {"model": HealthResponse,
+                              "description": "The engine is not serving, or the server is shutting down."}})
     async def health() -> JSONResponse:
+        if lifecycle.draining:  # a router or a Kubernetes Service stops sending here
+            return JSONResponse(HealthResponse(status="shutting_down").model_dump(), status_code=503)
         serving_now = registry.serving
         return JSONResponse(HealthResponse(status="ok" if serving_now else "unavailable").model_dump(),
                             status_code=200 if serving_now else 503)
@@ -145,10 +166,12 @@ def build_app(served: list[ServedModel], access: AccessController, server_metric
 
     @app.post("/v1/completions", responses=_GENERATE_ERRORS)
     async def completions(body: CompletionRequest, request: Request):
+        note_model(body.model)
         return await registry.openai(body.model).completions(body, request)
 
     @app.post("/v1/chat/completions", responses=_GENERATE_ERRORS)
     async def chat(body: ChatCompletionRequest, request: Request):
+        note_model(body.model)
         return await registry.openai(body.model).chat(body, request)
 
     def openapi() -> dict[str, Any]:
@@ -202,7 +225,15 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-queued-reqs", type=int, default=None,
                    help="requests running + queued before new ones get 503 (default: 2 x max-num-seqs)")
     p.add_argument("--max-num-queued-tokens", type=int, default=None,
-                   help="prompt tokens queued before new requests get 503 (default: 4 x max-num-batched-tokens)")
+                   help="prompt tokens queued before new requests get 503 "
+                        "(default: max-num-queued-reqs x max-model-len, so the request limit and the wait bind first)")
+    p.add_argument("--max-queue-wait", type=float, default=None, metavar="SECONDS",
+                   help="admit a request only if it can be expected to start within this many seconds; "
+                        "otherwise 503 with Retry-After from the estimate (default: 5)")
+    p.add_argument("--log-prompts", action="store_true",
+                   help="put each request's prompt text in its access-log line (default: never)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, how long requests in flight may run before they are aborted (default: 30)")
 
 
 def _start_model(names: list[str], version: str, kwargs: dict[str, Any], args: argparse.Namespace,
@@ -214,8 +245,7 @@ def _start_model(names: list[str], version: str, kwargs: dict[str, Any], args: a
     core = llm.llm_engine
     core.init_utilization_peaks()  # a short probe on CPU; datasheet peaks on known GPUs
     sched = core.scheduler_config
-    limits = CapacityLimits(max_num_queued_reqs=args.max_num_queued_reqs or 2 * sched.max_num_seqs,
-                            max_num_queued_tokens=args.max_num_queued_tokens or 4 * sched.max_num_batched_tokens)
+    limits = CapacityLimits.defaults(sched, args.max_num_queued_reqs, args.max_num_queued_tokens, args.max_queue_wait)
     engine = AsyncLLMEngine(core, on_step=metrics.model(names[0]).on_step)
     tools = ToolSettings(args.enable_auto_tool_choice, args.tool_call_parser)
     return ServedModel(names, version, engine, limits, tools=tools), llm
@@ -249,22 +279,132 @@ def _load_models(args: argparse.Namespace, engine_kwargs: dict[str, Any],
     return served, llms
 
 
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _kernels(core: Any) -> str:
+    """The kernels the engine runs: the linear layers' (forced or timed per shape and batch
+    size), the fused CPU ops, quantization."""
+    runner = core.model_runner
+    backend = core.model_config.linear_backend
+    counts = Counter(name for plan in runner.linear_backends.values() for name in plan.values())
+    if backend != "auto":
+        linear = f"linear {backend} (--linear-backend)"
+    else:
+        linear = "linear timed per shape and batch size: " + ", ".join(
+            f"{name} {n}" for name, n in counts.most_common()) + f" of {sum(counts.values())} choices"
+    parts = [linear]
+    if runner.device.type == "cpu":
+        from tokenmill.kernels import cpu_ops
+
+        parts.append("fused CPU ops " + ("on" if cpu_ops.load() else "off (ATen)"))
+    quant = getattr(core.model_config.hf_config, "quantization_config", None)
+    if quant:
+        q = quant if isinstance(quant, dict) else vars(quant)
+        parts.append(f"{q.get('quant_method', 'quantized')} {q.get('bits', '?')}-bit")
+    return "; ".join(parts)
+
+
+def log_startup(served: list[ServedModel], llms: list[Any], args: argparse.Namespace) -> None:
+    """What the server runs, each model in four lines: model, kernels, KV pool, limits."""
+    for m, llm in zip([m for m in served if m.engine is not None], llms):
+        core = llm.llm_engine
+        mc, sc, runner, bm = core.model_config, core.scheduler_config, core.model_runner, core.block_manager
+        name = m.names[0]
+        arch = ",".join(getattr(mc.hf_config, "architectures", None) or [type(mc.hf_config).__name__])
+        dtype = str(runner.dtype).removeprefix("torch.")
+        par = core.parallel_config
+        layout = (f", tensor parallel {par.tensor_parallel_size} x pipeline parallel {par.pipeline_parallel_size}"
+                  if par.world_size > 1 else "")
+        spec = core.speculative_config
+        logger.info("model %s: %s (%s), %s on %s%s, %.1f MiB of weights%s", name, mc.model, arch, dtype,
+                    runner.device, layout, runner.weight_bytes / 2**20,
+                    f", speculative decoding {getattr(spec, 'method', spec)}" if spec is not None else "",
+                    extra={"model": name, "dtype": dtype, "device": str(runner.device)})
+        logger.info("kernels %s: %s", name, _kernels(core))
+        kv_bytes = runner.kv_cache.numel() * runner.kv_cache.element_size()
+        kv_tokens = bm.num_blocks * bm.block_size
+        spill = f", spill tier {bm.spill.num_blocks} blocks" if bm.spill is not None else ""
+        logger.info("KV pool %s: %d blocks x %d tokens = %d tokens, %d bytes (%.1f MiB); prefix caching %s%s",
+                    name, bm.num_blocks, bm.block_size, kv_tokens, kv_bytes, kv_bytes / 2**20,
+                    "on" if bm.enable_prefix_caching else "off", spill,
+                    extra={"kv_blocks": bm.num_blocks, "kv_tokens": kv_tokens, "kv_bytes": kv_bytes})
+        lim = m.limits
+        wait = getattr(lim, "max_queue_wait", None)
+        logger.info("limits %s: max_num_seqs=%d max_num_batched_tokens=%d max_model_len=%d; queue: "
+                    "max_num_queued_reqs=%d max_num_queued_tokens=%d%s; scheduling %s; shutdown timeout %g s",
+                    name, sc.max_num_seqs, sc.max_num_batched_tokens, sc.max_model_len, lim.max_num_queued_reqs,
+                    lim.max_num_queued_tokens, f" max_queue_wait={wait:g}s" if wait is not None else "",
+                    sc.scheduling_policy, args.shutdown_timeout,
+                    extra={"max_num_seqs": sc.max_num_seqs, "max_num_batched_tokens": sc.max_num_batched_tokens,
+                           "max_model_len": sc.max_model_len, "max_num_queued_reqs": lim.max_num_queued_reqs,
+                           "max_num_queued_tokens": lim.max_num_queued_tokens})
+    for m in served:
+        if m.engine is None:
+            logger.warning("model %s is not served: %s", m.names[0], m.error)
+
+
+def log_urls(served: list[ServedModel], args: argparse.Namespace) -> None:
+    base = f"http://{_url_host(args.host)}:{args.port}"
+    grpc = f"; gRPC (KServe v2) {_url_host(args.host)}:{args.grpc_port}" if args.grpc_port else ""
+    metrics = f" and :{args.metrics_port}/metrics" if args.metrics_port else ""
+    logger.info("serving %s: API %s/v1, chat page %s/, dashboard %s/dashboard, metrics %s/metrics%s%s",
+                ", ".join(n for m in served if m.engine is not None for n in m.names), base, base, base, base,
+                metrics, grpc, extra={"url": f"{base}/v1"})
+
+
+def _stop_engines(served: list[ServedModel], llms: list[Any], grace_s: float = 5.0) -> None:
+    """Stop every engine once the requests aborted at the end have left it (their KV blocks back
+    in the pool), and say what is still held."""
+    engines = [(m, llm) for m, llm in zip([m for m in served if m.engine is not None], llms)]
+    deadline = time.monotonic() + grace_s
+    for m, _ in engines:
+        while m.engine.is_serving and m.engine.admission_view()[0] and time.monotonic() < deadline:
+            time.sleep(0.02)
+    for m, llm in engines:
+        m.engine.shutdown()
+        core = llm.llm_engine
+        core.shutdown(graceful=not m.engine.is_running)
+        bm = core.block_manager
+        logger.info("KV blocks in use at exit: %d of %d (%s)", bm.num_used_blocks, bm.num_blocks, m.names[0],
+                    extra={"kv_blocks_in_use": bm.num_used_blocks, "model": m.names[0]})
+
+
 def run_server(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
     import uvicorn
 
+    shutdown_timeout = getattr(args, "shutdown_timeout", 30.0)
+    if not shutdown_timeout >= 0:  # NaN fails this too
+        raise ValueError(f"--shutdown-timeout must be a number of seconds >= 0; got {shutdown_timeout}")
     access = AccessController.from_args(args.api_key, args.api_keys_file, args.signature_policy_file)
     metrics = ServerMetrics()
     served, llms = _load_models(args, engine_kwargs, metrics)
-    app = build_app(served, access, metrics, grpc_address=(args.host, args.grpc_port) if args.grpc_port else None)
-    if args.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
-    logger.info("serving %s on http://%s:%d", ", ".join(m.names[0] for m in served if m.engine), args.host, args.port)
+    lifecycle = Lifecycle()
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        app = build_app(served, access, metrics, grpc_address=(args.host, args.grpc_port) if args.grpc_port else None,
+                        lifecycle=lifecycle, log_prompts=getattr(args, "log_prompts", False))
+        if args.metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(args.metrics_port, addr=args.host, registry=metrics.registry)
+        log_startup(served, llms, args)
+        # log_config=None: uvicorn's loggers go through tokenmill's handler and format (tokenmill/logs.py);
+        # its access log is off, the server writes its own (access_log.py).
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
+                                timeout_graceful_shutdown=5)
+        server = Server(config, lifecycle, shutdown_timeout, on_started=lambda: log_urls(served, args))
+        # Fast refusals (admission.py) need the event loop to run when asked: the engine thread holds
+        # the GIL for a step's Python work, and at the default 5 ms switch interval the loop waits that
+        # long at every resumption; a full collection over the ~400k objects of the libraries and the
+        # model stops both threads for ~0.3 s, so they are frozen out of it.
+        sys.setswitchinterval(0.001)
+        gc.collect()
+        gc.freeze()
+        server.run()
     finally:
-        for m, llm in zip([m for m in served if m.engine is not None], llms):
-            m.engine.shutdown()
-            llm.llm_engine.shutdown(graceful=not m.engine.is_running)
+        # From here a signal exits at once: the requests are gone, what is left is a few seconds.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda s, _f: os._exit(128 + s))
+        _stop_engines(served, llms)
     return 0

@@ -33,7 +33,7 @@ class KServeErrorResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "unavailable", "shutting_down"]
 
 
 def error_body(message: str, status: int = 400, err_type: Optional[str] = None, param: Optional[str] = None,
@@ -49,7 +49,8 @@ _DESCRIPTIONS = {
     403: "The request does not match the required client signature.",
     404: "The model (or model version) named in the request is not served here.",
     429: "A rate limit or quota of this API key is spent; Retry-After says when to come back.",
-    503: "The server is at capacity, or the model or engine is not ready; Retry-After says when to retry.",
+    503: "The server is at capacity, shutting down, or the model or engine is not ready; Retry-After says "
+         "when to retry.",
 }
 
 

@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry
 _PREFIX = "tokenmill:"
 # Labelled counters whose children are reported by that label (reason -> count).
 _BY_LABEL = {"request_success": "finished_reason", "admission_rejections": "reason"}
+# Labelled gauges reported the same way (label -> value).
+_GAUGES_BY_LABEL = {"num_requests_admitted": "key_id"}
 
 
 def live_stats(registry: CollectorRegistry) -> dict[str, Any]:
@@ -38,6 +40,8 @@ def live_stats(registry: CollectorRegistry) -> dict[str, Any]:
                     out.setdefault(key, {})[s.labels[_BY_LABEL[name]]] = s.value
                 else:
                     out[key] = s.value
+            elif name in _GAUGES_BY_LABEL:
+                out.setdefault(name, {})[s.labels[_GAUGES_BY_LABEL[name]]] = s.value
             else:
                 out[name] = s.value
     return {"time": time.time(), "models": models}

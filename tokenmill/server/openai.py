@@ -16,11 +16,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from tokenmill.engine.request_validation import InvalidRequest
 from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.server import access_log
 from tokenmill.server.admission import Admission
 from tokenmill.server.chat_tools import ToolPlan, ToolSettings, plan_tools, reply_message
 from tokenmill.server.errors import error_body
+from tokenmill.server.lifecycle import ABORTED, Lifecycle
 from tokenmill.server.openai_format import accumulate, failure_message, logprobs_json
 from tokenmill.server.openai_stream import stream_chunks
+from tokenmill.server.refusal import Refusal
 from tokenmill.structured.params import StructuredOutputsParams
 from tokenmill.tokenizer import chat_template_ids
 from tokenmill.server.protocol import BadRequest, ChatCompletionRequest, CompletionRequest, _SamplingFields
@@ -39,12 +42,23 @@ class Job:
 
 
 class OpenAIServing:
-    def __init__(self, admission: Admission, tools: Optional[ToolSettings] = None) -> None:
+    def __init__(self, admission: Admission, tools: Optional[ToolSettings] = None,
+                 lifecycle: Optional[Lifecycle] = None) -> None:
         self.admission = admission
+        self.lifecycle = lifecycle or Lifecycle()
         self.engine = admission.engine
         self.tokenizer = admission.tokenizer
         self.metrics = admission.metrics
         self.tools = tools or ToolSettings()
+
+    def begin(self, model: str) -> None:
+        """A generation request arrives: refused while shutting down."""
+        access_log.note_model(model)
+        try:
+            self.lifecycle.check_open()
+        except Refusal as r:
+            self.metrics.reject(r.reason)
+            raise
 
     # -- request translation --------------------------------------------------------------
     def _prompts(self, body: CompletionRequest) -> list[list[int]]:
@@ -106,8 +120,10 @@ class OpenAIServing:
         return so
 
     async def completions(self, body: CompletionRequest, request: Request) -> Union[JSONResponse, StreamingResponse]:
+        self.begin(body.model)
         self.admission.check_model(body.model)
         body.check_fields()
+        self.admission.precheck(request.headers, body.priority)  # a full server refuses before tokenizing
         so = await self._structured(body)
         # echo with logprobs: the prompt's logprobs come first, as in OpenAI's API.
         prompt_lp = body.logprobs if body.echo and body.logprobs is not None else None
@@ -124,8 +140,10 @@ class OpenAIServing:
         return await self._respond(body, jobs, request, chat=False)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Union[JSONResponse, StreamingResponse]:
+        self.begin(body.model)
         self.admission.check_model(body.model)
         body.check_fields()
+        self.admission.precheck(request.headers, body.priority)  # a full server refuses before tokenizing
         conversation = body.conversation()
         plan = plan_tools(body, self.tools)
         so = await self._structured(body, plan.structured)
@@ -146,18 +164,30 @@ class OpenAIServing:
     # -- running and formatting -----------------------------------------------------------
     async def _run(self, job: Job, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for one job, cumulative (the engine sends deltas, accumulated here
-        in O(new tokens) per step), with latency metrics recorded on the way."""
+        in O(new tokens) per step), with latency metrics and the access log's tokens recorded on
+        the way. Once a shutdown's timeout passes, the job ends at once with finish_reason "abort"."""
         start = last = time.monotonic()
         tokens, finished = 0, False
         acc: dict[int, CompletionOutput] = {}
+        out: Optional[RequestOutput] = None
+        record = access_log.current()
+        life = self.lifecycle
+        life.jobs += 1
         try:
-            async for delta in outputs:
-                out = accumulate(acc, delta)
+            while True:
+                try:
+                    delta = await (life.next_or_abort(outputs) if life.draining else anext(outputs))
+                except StopAsyncIteration:
+                    break
+                aborted = delta is ABORTED
+                out = self._aborted(job, acc, out) if aborted else accumulate(acc, delta)
                 now = time.monotonic()
                 n = sum(len(c.token_ids) for c in out.outputs)
                 if n > tokens:
                     if tokens == 0:
                         self.metrics.ttft.observe(now - start)
+                        if record is not None:
+                            record.token_seen(now)
                     else:
                         self.metrics.itl.observe((now - last) / (n - tokens))
                     tokens, last = n, now
@@ -167,15 +197,40 @@ class OpenAIServing:
                     for c in out.outputs:
                         self.metrics.finished(c.finish_reason or "abort")
                 yield out
+                if aborted:
+                    break
         finally:
+            self.admission.release(job.request_id)  # however it ended, its fair share is free again
+            life.jobs -= 1
             await outputs.aclose()  # aborts the engine request if it did not finish
             if not finished:  # the client went away (or the engine failed): counted as aborted
                 for _ in range(job.params.n):
                     self.metrics.finished("abort")
+            if record is not None:
+                reasons = [c.finish_reason or "abort" for c in out.outputs] if finished and out else ["abort"]
+                record.job_done(len(job.prompt_ids), tokens, reasons)
+
+    @staticmethod
+    def _aborted(job: Job, acc: dict[int, CompletionOutput], last: Optional[RequestOutput]) -> RequestOutput:
+        """The job's final output when the server aborts it: what it made so far, every choice
+        that had not finished ending with finish_reason "abort"."""
+        for i in range(job.params.n):
+            if i not in acc:
+                acc[i] = CompletionOutput(i, "", [], None, [] if job.params.logprobs is not None else None)
+            if acc[i].finish_reason is None:
+                acc[i].finish_reason = "abort"
+        if last is None:
+            return RequestOutput(job.request_id, None, job.prompt_ids, None, [acc[i] for i in sorted(acc)], True)
+        return RequestOutput(last.request_id, last.prompt, last.prompt_token_ids, last.prompt_logprobs,
+                             [acc[i] for i in sorted(acc)], True, last.metrics)
 
     async def run_all(self, jobs: list[Job]) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every job's outputs as they come, tagged with the job's index. The jobs are submitted
         together, so a list of prompts is batched in the same engine steps, not run in turn."""
+        record = access_log.current()
+        if record is not None and record.log_prompts:  # --log-prompts: the text the model reads
+            texts = [self.tokenizer.decode(j.prompt_ids) for j in jobs]
+            record.prompt = texts[0] if len(texts) == 1 else texts
         streams = self.engine.generate_batch([(j.request_id, j.prompt_ids, j.params, j.priority) for j in jobs])
         if len(jobs) == 1:
             # aclosing: a caller that stops early closes (and so aborts) the engine request now,
@@ -210,6 +265,7 @@ class OpenAIServing:
         finally:
             for t in tasks:  # a client that went away: every job's stream is closed and aborted
                 t.cancel()
+            self.admission.release(*(j.request_id for j in jobs))  # also those cancelled before they ran
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _respond(self, body: Any, jobs: list[Job], request: Request, chat: bool,

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from tokenmill.server.errors import ERROR_TYPES, error_body
 
-REASONS = ("auth", "rate_limit", "signature", "capacity", "bad_request")
+REASONS = ("auth", "rate_limit", "signature", "capacity", "bad_request", "shutting_down")
 
 
 class Refusal(Exception):

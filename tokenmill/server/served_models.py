@@ -11,6 +11,7 @@ from tokenmill.server.access import AccessController
 from tokenmill.server.admission import Admission, CapacityLimits
 from tokenmill.server.chat_tools import ToolSettings
 from tokenmill.server.kserve.serving import KServeError, KServeServing
+from tokenmill.server.lifecycle import Lifecycle
 from tokenmill.server.metrics import ModelMetrics, ServerMetrics
 from tokenmill.server.openai import OpenAIServing
 from tokenmill.server.protocol import BadRequest
@@ -27,10 +28,12 @@ class ServedModel:
 
 
 class ServedModels:
-    def __init__(self, models: list[ServedModel], access: AccessController, metrics: ServerMetrics) -> None:
+    def __init__(self, models: list[ServedModel], access: AccessController, metrics: ServerMetrics,
+                 lifecycle: Optional[Lifecycle] = None) -> None:
         if not any(m.engine is not None for m in models):
             raise ValueError("no model could be loaded: " + "; ".join(f"{m.names[0]}: {m.error}" for m in models))
         self.models = models
+        self.lifecycle = lifecycle or Lifecycle()
         self._front: dict[str, tuple[OpenAIServing, KServeServing]] = {}
         self._errors: dict[str, str] = {}
         for m in models:
@@ -38,7 +41,7 @@ class ServedModels:
                 self._errors.update({n: m.error or "not loaded" for n in m.names})
                 continue
             admission = Admission(m.engine, access, m.limits, metrics.model(m.names[0]), m.names)
-            openai = OpenAIServing(admission, m.tools)
+            openai = OpenAIServing(admission, m.tools, self.lifecycle)
             self._front.update({n: (openai, KServeServing(openai, m.names, m.version)) for n in m.names})
         # Errors raised before a request names its model are counted under the first model.
         self.default_metrics: ModelMetrics = next(iter(self._front.values()))[0].metrics
@@ -55,6 +58,11 @@ class ServedModels:
     def serving(self) -> bool:
         """Every loaded model's engine is serving (a model that failed to load does not count)."""
         return all(e.is_serving for e in self.engines)
+
+    @property
+    def ready(self) -> bool:
+        """Serving and not shutting down: what health and readiness checks answer."""
+        return self.serving and not self.lifecycle.draining
 
     def openai(self, name: str) -> OpenAIServing:
         if name in self._errors:
@@ -79,8 +87,8 @@ class ServedModels:
         """Triton's repository index: every model with its state and, when not ready, the reason."""
         out = []
         for m in self.models:
-            entry = {"name": m.names[0], "version": m.version,
-                     "state": "READY" if m.engine is not None and m.engine.is_serving else "UNAVAILABLE"}
+            ready = m.engine is not None and m.engine.is_serving and not self.lifecycle.draining
+            entry = {"name": m.names[0], "version": m.version, "state": "READY" if ready else "UNAVAILABLE"}
             if m.engine is None:
                 entry["reason"] = m.error or "not loaded"
             out.append(entry)

@@ -15,6 +15,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from tokenmill.server import access_log
 from tokenmill.server.kserve.serving import KServeError, KServeServing
 from tokenmill.engine.async_engine import EngineDeadError
 from tokenmill.server.errors import KServeErrorResponse, error_responses
@@ -31,6 +32,7 @@ _LIMITS = {np.int32: 2**31 - 1, np.uint64: 2**64 - 1}
 
 def _error(e: Exception) -> JSONResponse:
     err = KServeError.of(e)
+    access_log.note_refusal(err.reason or "error", err.code)
     headers = {"Retry-After": str(int(err.retry_after))} if err.retry_after not in (None, float("inf")) else None
     return JSONResponse({"error": err.message}, status_code=err.status, headers=headers)
 
@@ -126,6 +128,7 @@ def kserve_router(lookup: Callable[[str, Optional[str]], KServeServing], ready: 
         return Response(status_code=200 if kserve.ready else 503)
 
     async def infer(name: str, request: Request, version: Optional[str] = None) -> Response:
+        access_log.note_model(name)
         try:
             kserve = lookup(name, version)
             body, inputs = parse_http_request(await request.body(),
@@ -151,6 +154,7 @@ def kserve_router(lookup: Callable[[str, Optional[str]], KServeServing], ready: 
                         headers={"Inference-Header-Content-Length": str(header_len)})
 
     async def generate(name: str, request: Request, version: Optional[str] = None) -> Response:
+        access_log.note_model(name)
         try:
             kserve = lookup(name, version)
             inputs, params = _generate_inputs(loads(await request.body()))
@@ -161,6 +165,7 @@ def kserve_router(lookup: Callable[[str, Optional[str]], KServeServing], ready: 
         return JSONResponse({"model_name": name, "model_version": kserve.version, "text_output": text})
 
     async def generate_stream(name: str, request: Request, version: Optional[str] = None) -> Response:
+        access_log.note_model(name)
         try:
             kserve = lookup(name, version)
             inputs, params = _generate_inputs(loads(await request.body()))

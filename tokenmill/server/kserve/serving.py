@@ -29,9 +29,14 @@ _GRPC_CODES = {499: "CANCELLED", 400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED"
 
 
 class KServeError(Exception):
-    def __init__(self, status: int, message: str, retry_after: Optional[float] = None) -> None:
+    def __init__(self, status: int, message: str, retry_after: Optional[float] = None,
+                 reason: Optional[str] = None, code: Optional[str] = None) -> None:
         super().__init__(message)
         self.status, self.message, self.retry_after = status, message, retry_after
+        # What refused the request and its code, as the OpenAI routes say them (the access log).
+        self.reason = reason or ("bad_request" if 400 <= status < 500 and status not in (401, 403, 429, 499)
+                                 else None)
+        self.code = code
 
     @property
     def grpc_code(self) -> str:
@@ -43,11 +48,11 @@ class KServeError(Exception):
         if isinstance(e, KServeError):
             return e
         if isinstance(e, Refusal):
-            return cls(e.status, e.message, e.retry_after)
+            return cls(e.status, e.message, e.retry_after, e.reason, e.code)
         if isinstance(e, EngineDeadError):
-            return cls(503, str(e))
+            return cls(503, str(e), reason="engine_unavailable", code="engine_unavailable")
         status = getattr(e, "status", 400)  # BadRequest carries 404 for an unknown model
-        return cls(status, str(e))
+        return cls(status, str(e), code=getattr(e, "code", None))
 
 
 class KServeServing:
@@ -67,7 +72,13 @@ class KServeServing:
 
     @property
     def ready(self) -> bool:
-        return self.openai.engine.is_serving
+        return self.openai.engine.is_serving and not self.openai.lifecycle.draining
+
+    def _begin(self) -> None:
+        try:
+            self.openai.begin(self.model_names[0])
+        except Refusal as e:
+            raise KServeError.of(e) from None
 
     def metadata(self, name: str) -> dict[str, Any]:
         inputs = [{"name": n, "datatype": d, "shape": s, "optional": not req}
@@ -128,6 +139,7 @@ class KServeServing:
                     disconnected: Optional[Callable[[], Awaitable[bool]]] = None) -> dict[str, np.ndarray]:
         """Run every row to completion; the output tensors. A client that goes away (as
         `disconnected` tells) aborts every row at once, and their KV blocks go back to the pool."""
+        self._begin()
         try:
             kind, rows = self._rows(inputs, requested, parameters)
             jobs = self._admit(rows, headers)
@@ -148,6 +160,7 @@ class KServeServing:
                      parameters: Mapping[str, Any]) -> AsyncIterator[tuple[dict[str, np.ndarray], bool]]:
         """One response per engine step that produced tokens (decoupled streaming), each with that
         step's new tokens or text, the last flagged final. Streams take one row."""
+        self._begin()
         try:
             kind, rows = self._rows(inputs, requested, parameters)
             if len(rows) != 1:
