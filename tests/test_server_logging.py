@@ -60,7 +60,7 @@ def test_json_formatter_one_object_per_line_with_the_extra_fields():
 
 def test_configure_logging_replaces_only_its_own_handler():
     root = logging.getLogger()
-    before = list(root.handlers)
+    before = [h for h in root.handlers if not getattr(h, "_tokenmill", False)]  # an earlier test's may be there
     level = root.level
     try:
         configure_logging("INFO", "json")

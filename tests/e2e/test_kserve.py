@@ -258,10 +258,12 @@ def _ft_json(**extra):
                  {"name": "input_lengths", "datatype": "UINT32", "shape": [0, 1], "data": []},
                  {"name": "request_output_len", "datatype": "UINT32", "shape": [0, 1], "data": []}]}, "no rows"),
     ({"inputs": [{"name": "text_input", "datatype": "INT32", "shape": [1, 1], "data": [5]}]}, "must be BYTES"),
-    ({"inputs": [{"name": "input_ids", "datatype": "UINT32", "shape": [129, 1], "data": [5] * 129},
-                 {"name": "input_lengths", "datatype": "UINT32", "shape": [129, 1], "data": [1] * 129},
-                 {"name": "request_output_len", "datatype": "UINT32", "shape": [129, 1], "data": [2] * 129}]},
-     "at most 128 requests"),
+    # More rows than any server takes (the limit follows max_num_seqs, at most 1024, chosen from
+    # the roofline when not given): refused whole, naming the limit.
+    ({"inputs": [{"name": "input_ids", "datatype": "UINT32", "shape": [2049, 1], "data": [5] * 2049},
+                 {"name": "input_lengths", "datatype": "UINT32", "shape": [2049, 1], "data": [1] * 2049},
+                 {"name": "request_output_len", "datatype": "UINT32", "shape": [2049, 1], "data": [2] * 2049}]},
+     "the batch has 2049 rows; this server takes at most"),
 ], ids=["input parameters", "datatype list", "request parameters", "unknown parameter", "string bool",
         "exclude on FT", "fp32 overflow", "negative stop word", "zero rows", "text not bytes", "batch too large"])
 def test_more_bad_input_is_refused_not_crashed(server, body, expected):

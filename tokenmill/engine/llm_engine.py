@@ -10,6 +10,7 @@ from typing import Any, Optional, Union
 from tokenmill.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, eos_token_ids
 from tokenmill.devices import peaks
 from tokenmill.distributed.parallel_state import get_parallel_state
+from tokenmill.engine.batch_limits import resolve_scheduler_limits
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.kv_tiers import SpillCostModel
 from tokenmill.engine.detokenizer import IncrementalDetokenizer
@@ -49,6 +50,8 @@ class LLMEngine:
         self.speculative_config = speculative_config
         self.scheduler_config = scheduler_config
         self.parallel_config = parallel_config or ParallelConfig()
+        # Limits left None are chosen from the roofline (a no-op when LLM() already did).
+        resolve_scheduler_limits(scheduler_config, model_config, cache_config, self.parallel_config)
         if get_parallel_state().world_size > 1:
             raise ValueError("a tensor/pipeline-parallel engine is already running in this process; "
                              "shut it down first (LLM.shutdown())")
