@@ -9,6 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from tokenmill.engine.block_manager import BlockManager
+from tokenmill.engine.sequence import Request
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.server.access import AccessController
 from tokenmill.server.admission import Admission, CapacityLimits
@@ -110,7 +112,7 @@ class Job:
 def fake_engine(max_num_seqs: int = 4, num_blocks: int = 1000, policy: str = "fcfs") -> SimpleNamespace:
     validator = SimpleNamespace(max_model_len=1024)
     core = SimpleNamespace(
-        tokenizer=None, validator=validator, block_manager=SimpleNamespace(block_size=16, num_blocks=num_blocks),
+        tokenizer=None, validator=validator, block_manager=BlockManager(num_blocks, 16),
         scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs, max_model_len=1024, scheduling_policy=policy),
         stats=SimpleNamespace(prompt_tokens=0))
     return SimpleNamespace(engine=core, is_serving=True, step_listeners=[])
@@ -171,6 +173,30 @@ def test_admitted_while_the_expected_wait_is_short_and_refused_with_its_estimate
     with pytest.raises(Refusal) as later:
         adm.admit(key("b"), [job("late")])
     assert later.value.retry_after > r.retry_after  # an estimate, not a constant
+
+
+def test_a_prompt_the_prefix_cache_holds_is_not_counted_as_prefill_again(tmp_path):
+    """A conversation's next turn mostly hits the cache: the requests behind it do not wait for
+    its whole prompt to be computed again (that over-estimate refused half a fleet's turns)."""
+    def second_gets_in(cache_first: bool) -> bool:
+        adm = make_admission(tmp_path, CapacityLimits(64, 10**6, max_queue_wait=1.0))
+        # An idle engine whose prompt tokens cost 2 ms each: a 1,000-token prefill ahead is 2 s.
+        adm.probe.view = LoadView(step_s=0.01, prefill_s=0.002, max_num_seqs=4, num_blocks=1000, measured=True)
+        first = job("turn", prompt=1000)
+        if cache_first:  # the conversation so far, computed and cached by its earlier turn
+            seq = Request("earlier", None, first.prompt_ids, SamplingParams()).seqs[0]
+            assert adm.blocks.allocate_slots(seq, seq.num_tokens)
+            seq.num_computed_tokens = seq.num_tokens
+            adm.blocks.cache_full_blocks(seq)
+            adm.blocks.free(seq)
+        adm.admit(key("a"), [first])
+        try:
+            adm.admit(key("a"), [job("behind", prompt=10)])
+            return True
+        except Refusal:
+            return False
+
+    assert not second_gets_in(cache_first=False) and second_gets_in(cache_first=True)
 
 
 def test_the_wait_rule_waits_for_measured_steps(tmp_path):
@@ -234,7 +260,7 @@ def test_a_job_never_run_is_released_when_it_is_dropped(tmp_path):
 def test_limits_defaults_and_validation():
     sched = SimpleNamespace(max_num_seqs=8, max_num_batched_tokens=512, max_model_len=1024)
     lim = CapacityLimits.defaults(sched)
-    assert (lim.max_num_queued_reqs, lim.max_num_queued_tokens, lim.max_queue_wait) == (16, 16 * 1024, 5.0)
+    assert (lim.max_num_queued_reqs, lim.max_num_queued_tokens, lim.max_queue_wait) == (24, 24 * 1024, 5.0)
     lim = CapacityLimits.defaults(sched, 4, 100, 2.5)
     assert (lim.max_num_queued_reqs, lim.max_num_queued_tokens, lim.max_queue_wait) == (4, 100, 2.5)
     for bad in (0.0, -1.0, float("nan")):

@@ -70,6 +70,20 @@ def test_hit_leaves_last_token_and_shares_blocks():
     assert bm.stats.queries == 16 and bm.stats.hits == 4
 
 
+def test_cached_prefix_tokens_agrees_with_find_prefix_and_reads_only():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    a, _ = run_prefill(bm, list(range(12)))  # 3 full blocks cached
+    bm.free(a)  # still cached, now evictable
+    for tokens in (list(range(12)), list(range(13)), list(range(9)) + [99, 98], [7] + list(range(12)), [1]):
+        keys: list[int] = []
+        expect = bm.find_prefix(seq_of(tokens)).num_blocks() * 4
+        assert bm.cached_prefix_tokens(tokens, keys) == expect, tokens
+        assert bm.cached_prefix_tokens(tokens, keys) == expect  # from the memoised chain
+    assert bm.num_free_blocks == 10 and not any(bm.ref_counts)  # nothing was allocated or held
+    assert BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=False).cached_prefix_tokens(
+        list(range(12))) == 0
+
+
 def test_forced_hash_collision_never_serves_other_kv():
     bm = BlockManager(num_blocks=10, block_size=4, hash_fn=lambda parent, tokens: 42)
     a, _ = run_prefill(bm, [1, 2, 3, 4, 5, 6, 7, 8, 9])

@@ -19,16 +19,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Popen from several threads at once (tests boot replicas in parallel) once failed in CI with
+# OSError 14 (EFAULT) out of CPython's vfork path: one process is spawned at a time.
+_SPAWN = threading.Lock()
+
+
+def spawn(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """subprocess.Popen, one at a time across the test process's threads."""
+    with _SPAWN:
+        return subprocess.Popen(cmd, **kwargs)
+
+
 class Server:
     def __init__(self, *args: str, served_model_name: bool = True, cwd: Optional[str] = None,
                  env: Optional[dict[str, str]] = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(self.port),
-                                      "--grpc-port", str(self.grpc_port),
-                                      *(["--served-model-name", "demo"] if served_model_name else []), *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env)
+        self.proc = spawn([sys.executable, "-m", "tokenmill.cli", "serve", "--port", str(self.port),
+                           "--grpc-port", str(self.grpc_port),
+                           *(["--served-model-name", "demo"] if served_model_name else []), *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env)
         # The server logs at INFO (a line per request): read its output as it comes, or a full
         # pipe would stall it.
         self.lines: list[str] = []

@@ -243,14 +243,16 @@ def wait_server():
     s.stop()
 
 
-def _burst(url: str, n: int, max_tokens: int) -> list[tuple[httpx.Response, float]]:
-    """n requests over 1 s (ten times what the server holds at once: its batch of 4 and queue of 4)."""
+def _burst(url: str, n: int, max_tokens: int) -> list[tuple[httpx.Response, float, float]]:
+    """n requests over 1 s (ten times what the server holds at once: its batch of 4 and queue of 4);
+    each comes back as (response, when it was answered on the monotonic clock, its latency)."""
     async def one(c: httpx.AsyncClient, i: int):
         await asyncio.sleep(i / n)
         t0 = time.monotonic()
         r = await c.post(url, json={"model": "demo", "prompt": f"[{i}] Return the value of the", "ignore_eos": True,
                                     "max_tokens": max_tokens})
-        return r, time.monotonic() - t0
+        t1 = time.monotonic()
+        return r, t1, t1 - t0
 
     async def main():
         async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=None)) as c:
@@ -265,24 +267,34 @@ def _burst(url: str, n: int, max_tokens: int) -> list[tuple[httpx.Response, floa
         gc.enable()
 
 
-def test_a_10x_burst_gets_fast_503s_with_an_estimated_retry_after(wait_server):
+def test_a_10x_burst_gets_fast_503s_with_an_honest_retry_after(wait_server):
     url = f"{wait_server.url}/v1/completions"
-    waits = {}
     for max_tokens in (8, 400):  # the same burst, of short requests then of fifty times longer ones
         results = _burst(url, 80, max_tokens)
-        ok = [r for r, _ in results if r.status_code == 200]
-        refused = [(r, dt) for r, dt in results if r.status_code == 503]
+        ok = [r for r, _, _ in results if r.status_code == 200]
+        refused = [(r, t, dt) for r, t, dt in results if r.status_code == 503]
         assert ok and refused and len(ok) + len(refused) == 80
-        lat = sorted(dt for _, dt in refused)
+        lat = sorted(dt for _, _, dt in refused)
         # The bouncer answers at once: its own work is well under a millisecond; what a client sees
         # on top is the machine (two cores, shared), so the tail is bounded loosely.
         assert lat[len(lat) // 2] < 0.05 and lat[-1] < 1.0, lat
-        for r, _ in refused:
+        for r, _, _ in refused:
             assert "at capacity" in r.json()["error"]["message"] and int(r.headers["retry-after"]) >= 1
-        waits[max_tokens] = sorted({int(r.headers["retry-after"]) for r, _ in refused})
+        # Honest: the last client turned away, coming back when told (a second later at most, for
+        # this machine's noise), gets in, and is not told to stay away for much longer than the
+        # admitted work ahead of it takes to run (that the estimate grows with longer requests is
+        # tests/test_queue_wait.py's, with made-up costs: here it depends on the machine's speed).
+        last, answered, _ = max(refused, key=lambda x: x[1])
+        told = int(last.headers["retry-after"])
+        time.sleep(max(0.0, answered + told - time.monotonic()))
+        r = httpx.post(url, json={"model": "demo", "prompt": "Back as told", "max_tokens": 4}, timeout=60)
+        if r.status_code == 503:
+            time.sleep(1.0)
+            r = httpx.post(url, json={"model": "demo", "prompt": "Back as told", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200, (max_tokens, told, r.text)
+        drained = max(t for _, t, _ in results)  # when the last admitted request of the burst ended
+        assert answered + told <= drained + 2.0, (max_tokens, told, drained - answered)
         _settle(wait_server)
-    # An estimate, not a constant: a queue of longer requests is a longer wait.
-    assert max(waits[400]) > max(waits[8]), waits
     m = wait_server.metrics()
     assert m["tokenmill:kv_cache_usage_perc"] == 0 and m["tokenmill:num_requests_admitted{key_id=anonymous}"] == 0
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import Server, free_port
+from tests.e2e.conftest import Server, free_port, spawn
 from tests.router.conftest import CHAT, Router, stop_all, wait_for
 from tokenmill.router.cli import config_from_args
 from tokenmill.router.config import RouterConfig
@@ -367,9 +367,9 @@ def test_router_command_line_serves(fleet, tmp_path):
     fakes = fleet("a", "b")
     (tmp_path / "fleet.txt").write_text(f"{fakes[1].url},region=us\n")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tokenmill.cli", "router", "--replica", fakes[0].url,
-                             "--replicas-file", str(tmp_path / "fleet.txt"), "--policy", "round-robin",
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = spawn([sys.executable, "-m", "tokenmill.cli", "router", "--replica", fakes[0].url,
+                  "--replicas-file", str(tmp_path / "fleet.txt"), "--policy", "round-robin",
+                  "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
 

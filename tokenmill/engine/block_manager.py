@@ -157,6 +157,24 @@ class BlockManager:
             parent_cid = content.cid
         return hit
 
+    def cached_prefix_tokens(self, token_ids: "list[int] | tuple[int, ...]",
+                             keys: Optional[list[int]] = None) -> int:
+        """Leading tokens of token_ids whose KV the device cache holds now, at whole blocks, the
+        last token always left to compute: what a prompt would not have to prefill. An estimate
+        for the bouncer (chain keys only: no content check, no spill tier); it only reads, so the
+        server's event loop may call it while the engine thread runs. `keys` memoises the chain."""
+        if not self.enable_prefix_caching:
+            return 0
+        keys = [] if keys is None else keys
+        bs, n = self.block_size, 0
+        for i in range((len(token_ids) - 1) // bs):
+            if i == len(keys):
+                keys.append(self.hash_fn(keys[-1] if keys else None, tuple(token_ids[i * bs:(i + 1) * bs])))
+            if keys[i] not in self.cached:
+                break
+            n += bs
+        return n
+
     # -- allocation -----------------------------------------------------------------------
     def can_allocate(self, seq: Sequence, num_new_tokens: int, hit: Optional[PrefixHit] = None) -> bool:
         hit = hit or PrefixHit()

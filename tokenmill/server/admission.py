@@ -61,7 +61,7 @@ class CapacityLimits:
         """The limits for an engine's SchedulerConfig, each defaulting as the flags' help says.
         The queued-token backstop defaults to every queued request at full length: the wait
         estimate counts the queue's prefill time, so by default the token count never binds first."""
-        reqs = max_num_queued_reqs or 2 * sched.max_num_seqs
+        reqs = max_num_queued_reqs or 3 * sched.max_num_seqs  # the batch and a queue twice its size
         return cls(reqs, max_num_queued_tokens or max(4 * sched.max_num_batched_tokens, reqs * sched.max_model_len),
                    DEFAULT_MAX_QUEUE_WAIT_S if max_queue_wait is None else max_queue_wait)
 
@@ -92,7 +92,8 @@ class Admission:
         self.served_model_names = served_model_names
         self.validator = engine.engine.validator  # the engine's rules: one place says what fits
         self.max_model_len = self.validator.max_model_len
-        self.block_size = engine.engine.block_manager.block_size
+        self.blocks = engine.engine.block_manager
+        self.block_size = self.blocks.block_size
         self.shares = FairShares(limits.max_num_queued_reqs, metrics.admitted_by_key)
         self.probe = LoadProbe(engine.engine)
         engine.step_listeners.append(self.probe.on_step)  # runs on the engine thread
@@ -138,12 +139,14 @@ class Admission:
         """A request ended (finished, aborted, its client gone, failed): its share is free."""
         self.shares.release(*request_ids)
 
-    def _seqs(self, job: Any, lengths: Lengths) -> tuple[SeqLoad, ...]:
+    def _seqs(self, job: Any, lengths: Lengths, cached: int) -> tuple[SeqLoad, ...]:
+        """The job's sequences as the estimate sees them; `cached`: its prompt tokens the prefix
+        cache holds (a conversation's next turn mostly), which it will not prefill again."""
         p, n_prompt = job.params, len(job.prompt_ids)
         room = self.max_model_len - n_prompt
         cap = min(p.max_tokens, room) if p.max_tokens is not None else room
         claim = -(-min(n_prompt + cap, self.max_model_len) // self.block_size)
-        return tuple(SeqLoad(job.request_id, lengths.steps_left(0, cap), claim, n_prompt, job.priority)
+        return tuple(SeqLoad(job.request_id, lengths.steps_left(0, cap), claim, n_prompt - cached, job.priority)
                      for _ in range(p.n))
 
     def _check_capacity(self, jobs: list[Any], key_id: str, weight: float, enter: bool = True) -> None:
@@ -159,10 +162,11 @@ class Admission:
         if new_tokens > lim.max_num_queued_tokens:
             raise InvalidRequest(f"the request's prompts come to {new_tokens} tokens; this server queues at most "
                                  f"{lim.max_num_queued_tokens} (--max-num-queued-tokens)", "prompt")
+        cached = [self.blocks.cached_prefix_tokens(j.prompt_ids) for j in jobs]
         now = time.monotonic()
         with self.shares.lock:  # the check and the entry of what it admits, as one step
             view = self.probe.view  # one reference read: the engine thread swaps in whole views
-            seqs = [self._seqs(j, view.lengths) for j in jobs]
+            seqs = [self._seqs(j, view.lengths, c) for j, c in zip(jobs, cached)]
             unseen = self.shares.unseen(view.ids)
             fc = forecast(view, ahead_of(view, unseen, jobs[0].priority), [s for group in seqs for s in group])
             refused = self._refusal(jobs, key_id, weight, fc, new_tokens,
@@ -171,8 +175,9 @@ class Admission:
             if refused is not None:
                 reason, code, retry = refused
                 self.shares.note_refused(key_id, weight, now + retry + RETURN_GRACE_S)
-                logger.warning("refused request from key %r: at capacity (%s); Retry-After %gs",
-                               key_id, reason, retry)
+                # DEBUG: the access log has the refusal's line already, and under overload a
+                # warning per refused request would be most of the log.
+                logger.debug("refused request from key %r: at capacity (%s); Retry-After %gs", key_id, reason, retry)
                 raise Refusal(503, "capacity", f"the server is at capacity ({reason}); retry later", code,
                               retry_after=retry)
             if not enter:  # a precheck: nothing is admitted yet

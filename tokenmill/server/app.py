@@ -223,7 +223,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--signature-policy-file", default=None,
                    help="JSON client-signature policy (required headers, user-agent patterns, log|block)")
     p.add_argument("--max-num-queued-reqs", type=int, default=None,
-                   help="requests running + queued before new ones get 503 (default: 2 x max-num-seqs)")
+                   help="requests running + queued before new ones get 503 "
+                        "(default: 3 x max-num-seqs: the batch and a queue twice its size)")
     p.add_argument("--max-num-queued-tokens", type=int, default=None,
                    help="prompt tokens queued before new requests get 503 "
                         "(default: max-num-queued-reqs x max-model-len, so the request limit and the wait bind first)")

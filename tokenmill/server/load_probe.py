@@ -51,6 +51,7 @@ class LoadProbe:
     def __init__(self, engine: LLMEngine) -> None:
         sched = engine.scheduler_config
         self.block_size = engine.block_manager.block_size
+        self._blocks = engine.block_manager
         self.max_model_len = sched.max_model_len
         self.turns: deque[tuple[float, float, float]] = deque(maxlen=WINDOW)
         self.costs = (0.0, 0.0, 0.0)
@@ -99,6 +100,8 @@ class LoadProbe:
         left = max(0, min(room, p.max_tokens - seq.num_output_tokens if p.max_tokens is not None else room))
         claim = -(-min(seq.num_tokens + left, self.max_model_len) // self.block_size)
         pending = seq.num_tokens - seq.num_computed_tokens
+        if not seq.num_computed_tokens:  # not started: what the prefix cache holds is not computed again
+            pending -= self._blocks.cached_prefix_tokens(seq.token_ids, seq.block_keys)
         # A decoding sequence has one token without KV, its newest: a decode, not a prompt token.
         prefill = pending - 1 if seq.num_output_tokens and pending else pending
         done = seq.num_output_tokens

@@ -37,7 +37,7 @@ class SeqLoad(NamedTuple):
     request_id: str
     steps: int  # decode steps it may still take (max_tokens left)
     blocks: int  # KV blocks it holds when it ends: its claim on the pool
-    prefill: int  # prompt tokens it still has to compute
+    prefill: int  # prompt tokens it still has to compute (what the prefix cache holds is not)
     priority: int = 0
 
 
