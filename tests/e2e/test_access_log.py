@@ -7,6 +7,7 @@ import json
 import re
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.e2e.conftest import Server
@@ -111,3 +112,49 @@ def test_kserve_generate_and_other_routes(server):
 
 def test_the_key_is_never_logged(server):
     assert KEY not in server.output()
+
+
+def test_grpc_requests_get_their_lines_too(server):
+    import grpc
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    arrays = (np.array([[5, 6, 7]], dtype=np.uint32), np.array([[3]], dtype=np.uint32),
+              np.array([[4]], dtype=np.uint32))
+    inputs = [grpcclient.InferInput(n, a.shape, "UINT32") for n, a in
+              zip(("input_ids", "input_lengths", "request_output_len"), arrays)]
+    for i, a in zip(inputs, arrays):
+        i.set_data_from_numpy(a)
+    auth = {"authorization": AUTH["Authorization"]}
+    client.infer("demo", inputs, request_id="grpc-unary-1", headers=auth)
+    rec = access_line(server, "grpc-unary-1")
+    assert (rec["method"], rec["route"], rec["status"], rec["model"], rec["key_id"], rec["output_tokens"],
+            rec["complete"]) == ("gRPC", "/inference.GRPCInferenceService/ModelInfer", 200, "demo", "default", 4, True)
+    assert rec["prompt_tokens"] == 3 and rec["ttft_ms"] is not None
+
+    with pytest.raises(InferenceServerException, match="UNAUTHENTICATED"):  # no key
+        client.infer("demo", inputs, request_id="grpc-denied-1")
+    rec = access_line(server, "grpc-denied-1")
+    assert rec["status"] == 401 and rec["refusal"] is not None and rec["output_tokens"] == 0
+
+    results: list = []
+    client.start_stream(callback=lambda result, error: results.append((result, error)), headers=auth)
+    client.async_stream_infer("demo", inputs, request_id="grpc-stream-1")
+    rec = access_line(server, "grpc-stream-1")
+    client.stop_stream()
+    assert (rec["route"], rec["status"], rec["output_tokens"]) == ("/inference.GRPCInferenceService/ModelStreamInfer",
+                                                                   200, 4)
+    # Unary calls also get the id back as metadata, made up when the request carries none.
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc as pb_grpc  # the client's own stubs
+
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    request = pb.ModelInferRequest(model_name="demo")
+    for name, a in zip(("input_ids", "input_lengths", "request_output_len"), arrays):
+        t = request.inputs.add(name=name, datatype="UINT32", shape=list(a.shape))
+        t.contents.uint_contents.extend(a.reshape(-1).tolist())
+    _, call = stub.ModelInfer.with_call(request, metadata=tuple(auth.items()))
+    rid = dict(call.initial_metadata())["x-request-id"]
+    assert len(rid) == 32 and access_line(server, rid)["status"] == 200
+    channel.close()

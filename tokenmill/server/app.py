@@ -70,7 +70,7 @@ def build_app(served: list[ServedModel], access: AccessController, server_metric
         from tokenmill.server.kserve.grpc_server import start_grpc_server
 
         grpc_server = (await start_grpc_server(registry.kserve, lambda: registry.ready, registry.index,
-                                                 *grpc_address)
+                                                 *grpc_address, log_prompts=log_prompts)
                        if grpc_address else None)
         try:
             yield

@@ -8,6 +8,12 @@ trace and log settings) are not served: they fall through to the generated base 
 protos/grpc_service_pb2_grpc.py, whose `raise NotImplementedError` after setting the status is
 how grpc answers UNIMPLEMENTED, which is what a client should hear for them.
 
+Each ModelInfer, and each request on a ModelStreamInfer stream, gets an access-log line as an
+HTTP generation request does (access_log.py): method "gRPC", the RPC as its route, the status as
+its HTTP equivalent (200, 400, 503, ...). Its request id is the request's `id` field when usable
+(else its `x-request-id` metadata, else a fresh one); ModelInfer also returns it as `x-request-id`
+initial metadata.
+
 It runs on the HTTP server's event loop (started and stopped with the app), so both front ends
 share one engine, one bouncer and one set of metrics. Stubs: tokenmill/server/kserve/protos
 (scripts/gen_protos.sh).
@@ -17,13 +23,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Callable, Optional
 
 import grpc
 import numpy as np
 
 from tokenmill.engine.async_engine import EngineDeadError
+from tokenmill.server import access_log
+from tokenmill.server.access_log import REQUEST_ID_HEADER, AccessRecord
 from tokenmill.server.kserve.http import _server_version
 from tokenmill.server.kserve.protos import grpc_service_pb2 as pb
 from tokenmill.server.kserve.protos import grpc_service_pb2_grpc as pb_grpc
@@ -78,10 +86,38 @@ def _response(model: str, version: str, request_id: str, outputs: dict[str, np.n
     return resp
 
 
+_SERVICE = "/inference.GRPCInferenceService/"
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, lookup: Callable[[str, Optional[str]], KServeServing], ready: Callable[[], bool],
-                 index: Callable[[], list[dict[str, str]]]) -> None:
+                 index: Callable[[], list[dict[str, str]]], log_prompts: bool = False) -> None:
         self.lookup, self.ready, self.index = lookup, ready, index
+        self.log_prompts = log_prompts
+
+    @contextlib.contextmanager
+    def _access(self, rpc: str, request: Any, context: Any) -> Iterator[AccessRecord]:
+        """The access-log line of one inference request: the record the serving code fills in
+        (through access_log.current(), as over HTTP), written when the request ends."""
+        metadata = {k.lower(): v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        rid = access_log.request_id(request.id or metadata.get(REQUEST_ID_HEADER))
+        record = AccessRecord(rid, "gRPC", _SERVICE + rpc, client=context.peer(), log_prompts=self.log_prompts)
+        record.model = request.model_name
+        token = access_log.start(record)
+        try:
+            yield record
+            record.status, record.complete = record.status or 200, True
+        except (KServeError, ValueError, EngineDeadError) as e:
+            err = KServeError.of(e)
+            record.status = err.status
+            record.refused(err.reason or "error", err.code or err.grpc_code)
+            raise
+        except BaseException:  # the client went away (cancelled), or a fault
+            record.status = record.status or 499
+            raise
+        finally:
+            access_log.end(token)
+            access_log.emit(record)
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
         resp = pb.RepositoryIndexResponse()
@@ -136,8 +172,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         try:
-            kserve, inputs, wanted, params, headers = self._parse(request, context)
-            outputs = await kserve.infer(inputs, wanted, headers, params)
+            with self._access("ModelInfer", request, context) as record:
+                await context.send_initial_metadata(((REQUEST_ID_HEADER, record.request_id),))
+                kserve, inputs, wanted, params, headers = self._parse(request, context)
+                outputs = await kserve.infer(inputs, wanted, headers, params)
         except (KServeError, ValueError, EngineDeadError) as e:
             await self._abort(context, e)
         return _response(request.model_name, kserve.version, request.id, outputs)
@@ -151,11 +189,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def serve(request: Any) -> None:
             try:
-                kserve, inputs, wanted, params, headers = self._parse(request, context)
-                async with contextlib.aclosing(kserve.stream(inputs, wanted, headers, params)) as stream:
-                    async for tensors, final in stream:
-                        response = _response(request.model_name, kserve.version, request.id, tensors, final)
-                        responses.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+                with self._access("ModelStreamInfer", request, context):
+                    kserve, inputs, wanted, params, headers = self._parse(request, context)
+                    async with contextlib.aclosing(kserve.stream(inputs, wanted, headers, params)) as stream:
+                        async for tensors, final in stream:
+                            response = _response(request.model_name, kserve.version, request.id, tensors, final)
+                            responses.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
             except (KServeError, ValueError, EngineDeadError) as e:
                 responses.put_nowait(pb.ModelStreamInferResponse(
                     error_message=KServeError.of(e).message,
@@ -182,9 +221,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 async def start_grpc_server(lookup: Callable[[str, Optional[str]], KServeServing], ready: Callable[[], bool],
-                            index: Callable[[], list[dict[str, str]]], host: str, port: int) -> Any:
+                            index: Callable[[], list[dict[str, str]]], host: str, port: int,
+                            log_prompts: bool = False) -> Any:
     server = grpc.aio.server()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(lookup, ready, index), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(lookup, ready, index, log_prompts), server)
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise OSError(f"cannot listen for gRPC on {host}:{port}")
     await server.start()
