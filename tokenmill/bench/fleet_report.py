@@ -80,6 +80,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     """TTFT distribution per policy, median TTFT per turn, and the failover run's TTFT over time."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     fo = result.get("failover")
     fo = fo if fo and fo.get("failover") else None  # None too when the run ended before the kill
@@ -118,6 +119,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
         axes[2].set_title("failover (cache-aware), by replica")
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
+        for axis in (ax.xaxis, ax.yaxis):  # log axes: plain numbers, and no crowded minor labels
+            if axis.get_scale() == "log":
+                axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                axis.set_major_formatter(ScalarFormatter())
+                axis.set_minor_formatter(NullFormatter())
         ax.legend(fontsize=7)
     fig.suptitle(f"{result['replicas']} replicas, {result['num_conversations']} conversations x "
                  f"{result['num_turns']} turns through tokenmill router")
