@@ -199,6 +199,17 @@ def test_a_prompt_the_prefix_cache_holds_is_not_counted_as_prefill_again(tmp_pat
     assert not second_gets_in(cache_first=False) and second_gets_in(cache_first=True)
 
 
+def test_n_above_the_batch_and_a_claim_above_the_pool_get_in_on_an_idle_server(tmp_path):
+    """Neither is refused for ever: a request starts with its first sequence, and a sequence
+    that would outgrow the pool starts alone (the engine ends it when it does)."""
+    for n, max_tokens in ((16, 20), (1, 900)):  # 16 sequences on 4 slots; 1,000 tokens on a 50-block pool
+        adm = make_admission(tmp_path, CapacityLimits(64, 10**6, max_queue_wait=1.0), num_blocks=50)
+        adm.probe.view = LoadView(step_s=0.01, max_num_seqs=4, num_blocks=50, measured=True)
+        HELD.append(Job(f"n{n}", list(range(100)), SamplingParams(n=n, max_tokens=max_tokens)))
+        adm.admit(key("a"), [HELD[-1]])
+        assert adm.shares.total == 1
+
+
 def test_the_wait_rule_waits_for_measured_steps(tmp_path):
     adm = make_admission(tmp_path, CapacityLimits(64, 10**6, max_queue_wait=1.0))
     adm.probe.view = LoadView(busy(4, 1000).running, max_num_seqs=4, num_blocks=1000, measured=False)

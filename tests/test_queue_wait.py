@@ -54,7 +54,9 @@ def test_kv_claims_hold_it_back_when_slots_do_not():
     assert forecast(v, [], [seq("new", blocks=11)]).wait_s == pytest.approx(1.0)  # until a's 50 blocks free
     assert forecast(v, [], [seq("new", blocks=60)]).wait_s == pytest.approx(1.0)
     assert forecast(v, [], [seq("new", blocks=61)]).wait_s == pytest.approx(4.0)  # needs both ended
-    assert forecast(v, [], [seq("new", blocks=101)]).wait_s == math.inf  # never (the 400s catch this first)
+    # More than the pool: it starts alone, once everything ended (the engine ends it if it outgrows the pool).
+    assert forecast(v, [], [seq("new", blocks=101)]).wait_s == pytest.approx(4.0)
+    assert forecast(view(max_num_seqs=8), [], [seq("new", blocks=10**6)]).wait_s == 0.0
 
 
 def test_an_overcommitted_pool_waits_for_enough_to_end():
@@ -62,12 +64,14 @@ def test_an_overcommitted_pool_waits_for_enough_to_end():
     assert forecast(v, [], [seq("new", blocks=10)]).wait_s == pytest.approx(1.0)
 
 
-def test_a_request_of_several_sequences_waits_for_its_last():
+def test_a_request_of_several_sequences_starts_with_its_first():
     v = view([seq("a", 10), seq("b", 20)])
-    # The first starts when a ends (step 10) and ends at 15, before b: the second starts then.
-    assert forecast(v, [], [seq("new", 5), seq("new", 5)]).wait_s == pytest.approx(1.5)
-    assert forecast(v, [], [seq("new", 50), seq("new", 50)]).wait_s == pytest.approx(2.0)
+    # Its first sequence starts when a ends (step 10): its first token comes then, whatever n is.
+    assert forecast(v, [], [seq("new", 5), seq("new", 5)]).wait_s == pytest.approx(1.0)
+    assert forecast(v, [], [seq("new", 5)] * 16).wait_s == pytest.approx(1.0)  # n above max_num_seqs
     assert "new" not in forecast(v, [], [seq("new")]).finish_s
+    # A list of prompts (several requests) has started once the last of them has.
+    assert forecast(v, [], [seq("p0", 5), seq("p1", 5)]).wait_s == pytest.approx(1.5)
 
 
 def test_until_leave_counts_requests_not_sequences():

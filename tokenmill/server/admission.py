@@ -141,13 +141,19 @@ class Admission:
 
     def _seqs(self, job: Any, lengths: Lengths, cached: int) -> tuple[SeqLoad, ...]:
         """The job's sequences as the estimate sees them; `cached`: its prompt tokens the prefix
-        cache holds (a conversation's next turn mostly), which it will not prefill again."""
+        cache holds (a conversation's next turn mostly), which it will not prefill again. Each
+        claims the blocks of its expected length (the prompt's full blocks once: the n sequences
+        of a request share them), never more than the pool (the engine ends a sequence that
+        outgrows the pool alone: it is admitted, not refused for ever)."""
         p, n_prompt = job.params, len(job.prompt_ids)
         room = self.max_model_len - n_prompt
         cap = min(p.max_tokens, room) if p.max_tokens is not None else room
-        claim = -(-min(n_prompt + cap, self.max_model_len) // self.block_size)
-        return tuple(SeqLoad(job.request_id, lengths.steps_left(0, cap), claim, n_prompt - cached, job.priority)
-                     for _ in range(p.n))
+        steps = lengths.steps_left(0, cap)
+        claim = min(-(-(n_prompt + steps) // self.block_size), self.blocks.num_blocks)
+        shared = n_prompt // self.block_size
+        return tuple(SeqLoad(job.request_id, steps, claim if i == 0 else max(1, claim - shared),
+                             n_prompt - cached if i == 0 else 0, job.priority)
+                     for i in range(p.n))
 
     def _check_capacity(self, jobs: list[Any], key_id: str, weight: float, enter: bool = True) -> None:
         lim = self.limits

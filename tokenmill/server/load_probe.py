@@ -98,15 +98,17 @@ class LoadProbe:
         p = seq.params
         room = self.max_model_len - seq.num_tokens
         left = max(0, min(room, p.max_tokens - seq.num_output_tokens if p.max_tokens is not None else room))
-        claim = -(-min(seq.num_tokens + left, self.max_model_len) // self.block_size)
         pending = seq.num_tokens - seq.num_computed_tokens
         if not seq.num_computed_tokens:  # not started: what the prefix cache holds is not computed again
             pending -= self._blocks.cached_prefix_tokens(seq.token_ids, seq.block_keys)
         # A decoding sequence has one token without KV, its newest: a decode, not a prompt token.
         prefill = pending - 1 if seq.num_output_tokens and pending else pending
         done = seq.num_output_tokens
-        return SeqLoad(seq.request.request_id, self.lengths.steps_left(done, done + left),
-                       max(claim, len(seq.block_table)), prefill, seq.request.priority)
+        steps = self.lengths.steps_left(done, done + left)
+        # Its claim: the blocks of its expected length, or those it holds, within the pool.
+        claim = max(-(-(seq.num_tokens + steps) // self.block_size), len(seq.block_table))
+        claim = min(claim, self._blocks.num_blocks)
+        return SeqLoad(seq.request.request_id, steps, claim, prefill, seq.request.priority)
 
     def _build(self, engine: LLMEngine) -> LoadView:
         sched = engine.scheduler

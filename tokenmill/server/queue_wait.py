@@ -9,11 +9,13 @@ is what the bouncer exists to prevent, while a refusal costs the client one retr
   the mean of the measured lengths longer than what it has made so far, capped by its
   `max_tokens`; a sequence cut at its `max_tokens` counts as one that would have run to any cap,
   and with too few measured it is `max_tokens`), and it holds, at its end, the KV blocks of its
-  prompt plus `max_tokens`: its *claim* on the pool;
+  prompt plus that expected length: its *claim* on the pool (at most the whole pool: the engine
+  ends a sequence that outgrows the pool alone; the n sequences of a request share the prompt's
+  full blocks);
 - the queue is served in order, as the scheduler starts only its head (with priority scheduling
   the order is by priority: a request waits only behind those of equal or higher priority);
 - a queued sequence starts once a batch slot (`max_num_seqs`) is free and the claims of those
-  running leave room for its own;
+  running leave room for its own; a request starts with its first sequence;
 - time: one decode step with k sequences in the batch costs step_s + k x seq_s, and every prompt
   token prefilled costs prefill_s (the three fitted to the engine's recent turns).
 """
@@ -93,7 +95,7 @@ class LoadView:
 class Forecast:
     """When the new request starts, and when the requests already in the system end."""
 
-    wait_s: float  # until the new request's last sequence starts (inf: never, as things stand)
+    wait_s: float  # until every new request has started (its first sequence; inf: never, as things stand)
     finish_s: dict[str, float] = field(default_factory=dict)  # request id -> expected end
     start_s: list[tuple[float, int]] = field(default_factory=list)  # (start, prompt tokens) of the queue ahead
 
@@ -145,20 +147,26 @@ def forecast(view: LoadView, ahead: list[SeqLoad], new: list[SeqLoad]) -> Foreca
         finish[rid] = clock  # a request ends with its last sequence: the latest assignment wins
 
     for seq in ahead + new:
-        while (free_slots < 1 or free_blocks < seq.blocks) and ends:
+        need = min(seq.blocks, view.num_blocks)  # alone, a sequence may have the whole pool
+        while (free_slots < 1 or free_blocks < need) and ends:
             end_next()
-        if free_slots < 1 or free_blocks < seq.blocks:
-            break  # even an empty engine could not take it (the 400 rules should have caught it)
+        if free_slots < 1 or free_blocks < need:
+            break  # only with no batch slot at all (max_num_seqs < 1): never
         starts.append(clock)  # its wait ends when it is scheduled; its own prefill is not part of it
         clock += seq.prefill * view.prefill_s
-        heapq.heappush(ends, (step + seq.steps, seq.blocks, seq.request_id))
-        free_slots, free_blocks = free_slots - 1, free_blocks - seq.blocks
+        heapq.heappush(ends, (step + seq.steps, need, seq.request_id))
+        free_slots, free_blocks = free_slots - 1, free_blocks - need
     while ends:  # when everything admitted so far ends (with the new request in the batch)
         end_next()
     for seq in new:  # not in the system yet
         finish.pop(seq.request_id, None)
     start_s = [(t, s.prefill) for t, s in zip(starts, ahead)]
-    wait = starts[-1] if len(starts) == len(ahead) + len(new) else math.inf
+    # A new request starts with its first sequence (its first token comes then); several new
+    # requests (a list of prompts) have all started once the last of them has.
+    first: dict[str, float] = {}
+    for seq, t in zip(new, starts[len(ahead):]):
+        first.setdefault(seq.request_id, t)
+    wait = max((first.get(s.request_id, math.inf) for s in new), default=0.0)
     return Forecast(wait, finish, start_s)
 
 
