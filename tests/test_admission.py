@@ -230,6 +230,39 @@ def test_the_hard_limits_stay_and_their_retry_after_is_estimated(tmp_path):
         adm.admit(key("a"), [job(f"many{i}") for i in range(3)])  # could never fit: 400
 
 
+def test_retry_after_under_priority_counts_the_whole_queue(tmp_path):
+    """A key whose own requests wait at a low priority, sending one at a higher: when its own
+    end is not in the part of the queue ahead of the new request, yet it is still an estimate."""
+    adm = make_admission(tmp_path, CapacityLimits(2, 10**6, max_queue_wait=1e9), policy="priority")
+    adm.probe.view = busy(0, 0, by_priority=True)
+    adm.admit(key("a"), [job("low0", max_tokens=30, priority=5)])
+    adm.admit(key("a"), [job("low1", max_tokens=30, priority=5)])
+    adm.probe.view = busy(0, 0, step_s=0.5, by_priority=True)
+    with pytest.raises(Refusal) as exc:
+        adm.admit(key("a"), [job("urgent", priority=-5)])
+    assert exc.value.retry_after == 15.0  # the first low one ends after 30 steps of 0.5 s; not "a minute"
+
+
+def test_a_request_refused_at_capacity_costs_its_key_no_quota(tmp_path):
+    keys = tmp_path / "limited.json"
+    keys.write_text(json.dumps({"keys": [{"id": "rl", "key": "sk-rl", "requests_per_minute": 2}]}))
+    access = AccessController(KeyStore.from_config(None, str(keys)), RateLimiter(), None)
+    adm = Admission(fake_engine(), access, CapacityLimits(1, 10**6, max_queue_wait=1e9),
+                    ServerMetrics().model("demo"), ["demo"])
+    adm.probe.view = busy(0, 0)
+    adm.admit(key("rl"), [job("first")])  # one of its two a minute
+    for i in range(5):
+        with pytest.raises(Refusal) as full:
+            adm.admit(key("rl"), [job(f"full{i}")])
+        assert full.value.status == 503
+    adm.release("first")
+    adm.admit(key("rl"), [job("second")])  # the 503s took nothing: this is its second
+    adm.release("second")
+    with pytest.raises(Refusal) as limited:
+        adm.admit(key("rl"), [job("third")])
+    assert limited.value.status == 429
+
+
 def test_one_key_cannot_take_anothers_share_whatever_its_priority(tmp_path):
     adm = make_admission(tmp_path, CapacityLimits(8, 10**6, max_queue_wait=1e9), policy="priority")
     adm.probe.view = busy(0, 0, by_priority=True)

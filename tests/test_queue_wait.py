@@ -81,6 +81,7 @@ def test_until_leave_counts_requests_not_sequences():
     assert fc.until_leave(2) == pytest.approx(3.0)
     assert fc.until_leave(1, {"a"}) == pytest.approx(3.0)
     assert fc.until_leave(3) == math.inf
+    assert fc.until_leave(1, {"a", "gone"}) == 0.0  # one the forecast did not see has ended already
 
 
 def test_priority_waits_only_behind_equal_or_higher():

@@ -191,6 +191,28 @@ def test_next_or_abort_passes_items_then_aborts_and_closes_the_stream():
     asyncio.run(main())
 
 
+def test_a_cancellation_not_from_the_abort_still_cancels():
+    async def forever():
+        await asyncio.sleep(3600)
+        yield 1
+
+    async def main():
+        life = Lifecycle()
+        waiter = asyncio.create_task(life.next_or_abort(forever()))
+        await asyncio.sleep(0.05)
+        waiter.cancel()  # the client went away
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        waiter = asyncio.create_task(life.next_or_abort(forever()))
+        await asyncio.sleep(0.05)
+        life.abort_all()
+        waiter.cancel()  # both at once: the client's cancellation is not swallowed
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+
+    asyncio.run(main())
+
+
 def test_next_or_abort_ends_like_anext():
     async def two():
         yield "a"

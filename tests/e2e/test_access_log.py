@@ -43,7 +43,9 @@ def test_startup_summary_and_every_line_is_json(server):
     assert any(m.startswith("kernels demo: linear aten") for m in messages), messages
     kv = next(r for r in records if r["message"].startswith("KV pool demo:"))
     assert kv["kv_blocks"] > 0 and kv["kv_tokens"] == kv["kv_blocks"] * 16 and kv["kv_bytes"] > 0
-    assert any(m.startswith("limits demo: max_num_seqs=") and "max_num_queued_reqs=" in m for m in messages)
+    limits = next(r for r in records if r["message"].startswith("limits demo: max_num_seqs="))
+    assert limits["max_num_queued_reqs"] == 3 * limits["max_num_seqs"]  # the default: the batch and 2x queue
+    assert (limits["max_queue_wait"], limits["shutdown_timeout"], limits["scheduling_policy"]) == (5.0, 30.0, "fcfs")
     urls = next(r for r in records if r["message"].startswith("serving demo:"))
     assert urls["url"] == f"{server.url}/v1"
     for part in (f"{server.url}/v1", f"{server.url}/dashboard", f"{server.url}/metrics", f":{server.grpc_port}"):

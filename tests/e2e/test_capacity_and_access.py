@@ -173,6 +173,33 @@ def test_capacity_applies_to_grpc(small_server):
     assert all(o == "ok" or "UNAVAILABLE" in o for o in outcomes), outcomes
 
 
+def test_a_grpc_refusal_carries_retry_after(small_server):
+    """As HTTP's 503 has a Retry-After header, gRPC's UNAVAILABLE has retry-after trailing metadata."""
+    import concurrent.futures
+
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb, service_pb2_grpc as pb_grpc  # the client's own stubs
+
+    request = pb.ModelInferRequest(model_name="demo")
+    for name, values in (("input_ids", [263, 79, 323]), ("input_lengths", [3]), ("request_output_len", [48])):
+        t = request.inputs.add(name=name, datatype="UINT32", shape=[1, len(values)])
+        t.contents.uint_contents.extend(values)
+
+    def one(_: int) -> tuple[str, dict]:
+        with grpc.insecure_channel(f"127.0.0.1:{small_server.grpc_port}") as channel:
+            try:
+                pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=120)
+                return "OK", {}
+            except grpc.RpcError as e:
+                return e.code().name, dict(e.trailing_metadata() or ())
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        outcomes = list(pool.map(one, range(24)))
+    refused = [md for code, md in outcomes if code == "UNAVAILABLE"]
+    assert refused and all(code in ("OK", "UNAVAILABLE") for code, _ in outcomes), outcomes
+    assert all(int(md["retry-after"]) >= 1 for md in refused), refused
+
+
 def test_a_request_over_a_limit_on_its_own_is_a_400_not_endless_503s(small_server):
     url = f"{small_server.url}/v1/completions"
     r = httpx.post(url, json={"model": "demo", "prompt": ["a"] * 9, "max_tokens": 1})

@@ -82,7 +82,9 @@ def test_sigterm_drains_streams_then_exits_0():
         assert len(streams) == 2 and all("status=200" in s and "output_tokens=600" in s and "finish_reason=length" in s
                                          for s in streams), streams
         refusal = [line for line in server.lines if "tokenmill.access" in line and "refusal=shutting_down" in line]
-        assert len(refusal) == 2 and all("status=503" in r for r in refusal)  # OpenAI and KServe over HTTP
+        # OpenAI and KServe over HTTP, and KServe over gRPC
+        assert len(refusal) == 3 and all("status=503" in r for r in refusal), refusal
+        assert sum("method=gRPC route=/inference.GRPCInferenceService/ModelInfer" in r for r in refusal) == 1
         assert PROMPT not in log  # no --log-prompts: no prompt text
         # The default log: INFO, with the summary and the URLs.
         assert "INFO tokenmill.server: KV pool demo:" in log and f"API {server.url}/v1" in log

@@ -16,6 +16,7 @@ after authentication, when even the smallest request from that key would be refu
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -25,6 +26,7 @@ from typing import Any, Mapping, Optional
 
 from tokenmill.engine.async_engine import AsyncLLMEngine
 from tokenmill.sampling_params import SamplingParams
+from tokenmill.server import access_log
 from tokenmill.server.access import AccessController
 from tokenmill.server.fair_share import ANONYMOUS, RETURN_GRACE_S, FairShares
 from tokenmill.server.load_probe import LoadProbe
@@ -61,9 +63,10 @@ class CapacityLimits:
         """The limits for an engine's SchedulerConfig, each defaulting as the flags' help says.
         The queued-token backstop defaults to every queued request at full length: the wait
         estimate counts the queue's prefill time, so by default the token count never binds first."""
-        reqs = max_num_queued_reqs or 3 * sched.max_num_seqs  # the batch and a queue twice its size
-        return cls(reqs, max_num_queued_tokens or max(4 * sched.max_num_batched_tokens, reqs * sched.max_model_len),
-                   DEFAULT_MAX_QUEUE_WAIT_S if max_queue_wait is None else max_queue_wait)
+        # `is None`, not `or`: an explicit 0 is an error (__post_init__), not the default.
+        reqs = 3 * sched.max_num_seqs if max_num_queued_reqs is None else max_num_queued_reqs  # batch + 2x queue
+        tokens = reqs * sched.max_model_len if max_num_queued_tokens is None else max_num_queued_tokens
+        return cls(reqs, tokens, DEFAULT_MAX_QUEUE_WAIT_S if max_queue_wait is None else max_queue_wait)
 
 
 @dataclass
@@ -74,6 +77,13 @@ class _Smallest:
     request_id: str = "precheck"
     prompt_ids: tuple[int, ...] = (0,)
     params: Any = field(default_factory=lambda: SamplingParams(max_tokens=1))
+
+
+def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # called outside an event loop (offline use, tests)
+        return None
 
 
 def _whole_seconds(seconds: float) -> float:
@@ -108,13 +118,19 @@ class Admission:
         """Access control (from the request's HTTP headers or gRPC metadata), then capacity.
         Raises Refusal; counts every refusal by reason. Once admitted, each job is in the share
         book until `release(job.request_id)` (or until the Job is garbage-collected)."""
+        tokens = sum(len(j.prompt_ids) + j.params.max_tokens * j.params.n for j in jobs)
         try:
-            key = self.access.admit(headers.get("authorization"), headers,
-                                    sum(len(j.prompt_ids) + j.params.max_tokens * j.params.n for j in jobs))
-            self._check_capacity(jobs, key.key_id if key is not None else ANONYMOUS,
-                                 key.weight if key is not None else 1.0)
+            key = self.access.admit(headers.get("authorization"), headers, tokens)
         except Refusal as r:
             self.metrics.reject(r.reason)
+            raise
+        try:
+            self._check_capacity(jobs, key.key_id if key is not None else ANONYMOUS,
+                                 key.weight if key is not None else 1.0)
+        except (Refusal, InvalidRequest) as r:
+            self.access.limiter.refund(key, tokens)  # refused here, it used none of its key's quota
+            if isinstance(r, Refusal):
+                self.metrics.reject(r.reason)
             raise
 
     def precheck(self, headers: Mapping[str, str], priority: int = 0) -> None:
@@ -127,6 +143,9 @@ class Admission:
             key = self.access.keys.authenticate(headers.get("authorization"))
         except Refusal:
             return
+        record = access_log.current()  # a refusal here is logged under the key's id, as admit()'s are
+        if record is not None:
+            record.key_id = key.key_id if key is not None else ANONYMOUS
         smallest = _Smallest(priority=priority)
         try:
             self._check_capacity([smallest], key.key_id if key is not None else ANONYMOUS,
@@ -138,6 +157,18 @@ class Admission:
     def release(self, *request_ids: str) -> None:
         """A request ended (finished, aborted, its client gone, failed): its share is free."""
         self.shares.release(*request_ids)
+
+    def _release_soon(self, loop: Optional[asyncio.AbstractEventLoop], request_id: str) -> None:
+        """A Job's finalizer. The garbage collector runs it in whatever thread allocates, at
+        whatever point that thread is, maybe inside a lock the release needs (the metrics'):
+        the release is handed to the event loop instead of being made here."""
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self.shares.release, request_id)
+                return
+            except RuntimeError:  # the loop is closed: nothing else runs there any more
+                pass
+        self.shares.release(request_id)
 
     def _seqs(self, job: Any, lengths: Lengths, cached: int) -> tuple[SeqLoad, ...]:
         """The job's sequences as the estimate sees them; `cached`: its prompt tokens the prefix
@@ -174,13 +205,19 @@ class Admission:
             view = self.probe.view  # one reference read: the engine thread swaps in whole views
             seqs = [self._seqs(j, view.lengths, c) for j, c in zip(jobs, cached)]
             unseen = self.shares.unseen(view.ids)
-            fc = forecast(view, ahead_of(view, unseen, jobs[0].priority), [s for group in seqs for s in group])
-            refused = self._refusal(jobs, key_id, weight, fc, new_tokens,
+            new = [s for group in seqs for s in group]
+            fc = forecast(view, ahead_of(view, unseen, jobs[0].priority), new)
+            # When the requests in progress end (the Retry-Afters of the count limits) needs the
+            # whole queue; with priority scheduling the wait's forecast has only the part ahead.
+            ends = forecast(view, ahead_of(view, unseen, math.inf), new) if view.by_priority else fc
+            refused = self._refusal(jobs, key_id, weight, fc, ends, new_tokens,
                                     sum(s.prefill for s in view.waiting) + sum(s.prefill for s in unseen), now,
                                     view.measured)
             if refused is not None:
                 reason, code, retry = refused
-                self.shares.note_refused(key_id, weight, now + retry + RETURN_GRACE_S)
+                # The key still wants its share when it comes back, but a long Retry-After must not
+                # hold the other keys to their shares all that while, in case it never does.
+                self.shares.note_refused(key_id, weight, now + min(retry, lim.max_queue_wait) + RETURN_GRACE_S)
                 # DEBUG: the access log has the refusal's line already, and under overload a
                 # warning per refused request would be most of the log.
                 logger.debug("refused request from key %r: at capacity (%s); Retry-After %gs", key_id, reason, retry)
@@ -190,29 +227,31 @@ class Admission:
                 return
             logger.debug("admitted %d request(s) from key %r: expected to start in %.2f s", len(jobs), key_id,
                          fc.wait_s)
+            loop = _running_loop()
             for job, group in zip(jobs, seqs):
                 self.shares.add(key_id, weight, job.request_id, group)
                 # A job whose stream never starts (its client left first) is released with it.
-                weakref.finalize(job, self.shares.release, job.request_id)
+                weakref.finalize(job, self._release_soon, loop, job.request_id)
 
-    def _refusal(self, jobs: list[Any], key_id: str, weight: float, fc: Forecast, new_tokens: int,
-                 queued_tokens: int, now: float, measured: bool) -> Optional[tuple[str, str, float]]:
+    def _refusal(self, jobs: list[Any], key_id: str, weight: float, fc: Forecast, ends: Forecast,
+                 new_tokens: int, queued_tokens: int, now: float,
+                 measured: bool) -> Optional[tuple[str, str, float]]:
         """(reason, error code, Retry-After) when the request must wait outside; None to admit.
         Until the engine has measured its steps (a fresh server's first turns) only the counts apply."""
         lim, n = self.limits, len(jobs)
         over = self.shares.over_share(key_id, weight, n, now)
         if over is not None:  # priority does not enter here: no priority buys past a share
             held, allowed = over
-            ends = fc.until_leave(held + n - allowed, self.shares.ids_of(key_id))
+            due = ends.until_leave(held + n - allowed, self.shares.ids_of(key_id))
             return (f"key {key_id!r} has {held} requests in progress, its share of {allowed} while other keys "
-                    "are active", "fair_share_exceeded", _whole_seconds(ends))
+                    "are active", "fair_share_exceeded", _whole_seconds(due))
         in_system = self.shares.total
         if in_system + n > lim.max_num_queued_reqs:
             return (f"{in_system} requests in progress (limit {lim.max_num_queued_reqs})", "server_at_capacity",
-                    _whole_seconds(fc.until_leave(in_system + n - lim.max_num_queued_reqs)))
+                    _whole_seconds(ends.until_leave(in_system + n - lim.max_num_queued_reqs, self.shares.ids())))
         if queued_tokens + new_tokens > lim.max_num_queued_tokens:
             return (f"{queued_tokens} prompt tokens queued (limit {lim.max_num_queued_tokens})", "server_at_capacity",
-                    _whole_seconds(fc.until_prefilled(queued_tokens + new_tokens - lim.max_num_queued_tokens)))
+                    _whole_seconds(ends.until_prefilled(queued_tokens + new_tokens - lim.max_num_queued_tokens)))
         if measured and fc.wait_s > lim.max_queue_wait:
             wait = "never, as things stand" if not math.isfinite(fc.wait_s) else f"about {fc.wait_s:.1f} s"
             return (f"a new request would start in {wait}; the limit is {lim.max_queue_wait:g} s "

@@ -340,7 +340,8 @@ def log_startup(served: list[ServedModel], llms: list[Any], args: argparse.Names
                     sc.scheduling_policy, args.shutdown_timeout,
                     extra={"max_num_seqs": sc.max_num_seqs, "max_num_batched_tokens": sc.max_num_batched_tokens,
                            "max_model_len": sc.max_model_len, "max_num_queued_reqs": lim.max_num_queued_reqs,
-                           "max_num_queued_tokens": lim.max_num_queued_tokens})
+                           "max_num_queued_tokens": lim.max_num_queued_tokens, "max_queue_wait": wait,
+                           "scheduling_policy": sc.scheduling_policy, "shutdown_timeout": args.shutdown_timeout})
     for m in served:
         if m.engine is None:
             logger.warning("model %s is not served: %s", m.names[0], m.error)

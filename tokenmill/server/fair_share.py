@@ -9,9 +9,10 @@ not taken in yet.
 Shares are work-conserving: a key's share is capacity x its weight / the summed weights of the
 *active* keys, itself included. Active: with requests in progress, or whose last one ended less
 than RETURN_GRACE_S ago (a client sending one request after another keeps its share between
-them), or refused at capacity and due back (its Retry-After, plus the grace). A key alone may use
-the whole server; when another key turns up, the first is held to its share (new requests
-refused until it is back within it) and the room its requests free as they end goes to the others.
+them), or refused at capacity and due back (its Retry-After, at most --max-queue-wait, plus the
+grace). A key alone may use the whole server; when another key turns up, the first is held to
+its share (new requests refused until it is back within it) and the room its requests free as
+they end goes to the others.
 """
 from __future__ import annotations
 
@@ -85,9 +86,21 @@ class FairShares:
         with self.lock:
             return self._counts.get(key_id, 0)
 
+    def ids(self) -> set[str]:
+        with self.lock:
+            return set(self._book)
+
     def ids_of(self, key_id: str) -> set[str]:
         with self.lock:
             return {rid for rid, e in self._book.items() if e.key_id == key_id}
+
+    def mark_seen(self, request_id: str) -> None:
+        """The engine has taken the request in (its first output came): the view, not the book,
+        describes it from now on, even if it ends before the next capacity check looks."""
+        with self.lock:
+            entry = self._book.get(request_id)
+            if entry is not None:
+                entry.seen = True
 
     def unseen(self, view_ids: frozenset[str]) -> list[SeqLoad]:
         """Sequences of admitted requests the engine had not taken in at its last turn, in

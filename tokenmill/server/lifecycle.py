@@ -40,7 +40,9 @@ class Lifecycle:
         self.draining = False
         self.jobs = 0  # engine requests running for clients (OpenAI and KServe, HTTP and gRPC)
         self.requests = 0  # generation HTTP requests whose response has not ended
-        self._aborting: Optional[asyncio.Event] = None
+        self._aborting = False
+        self._waiting: set[asyncio.Task] = set()  # tasks awaiting a request's next output
+        self._woken: set[asyncio.Task] = set()  # of those, the ones abort_all() cancelled
 
     @property
     def in_flight(self) -> int:
@@ -51,37 +53,39 @@ class Lifecycle:
         if self.draining:
             raise Refusal(503, "shutting_down", SHUTTING_DOWN, "shutting_down", retry_after=1.0)
 
-    def _event(self) -> asyncio.Event:
-        if self._aborting is None:
-            self._aborting = asyncio.Event()
-        return self._aborting
-
     @property
     def aborting(self) -> bool:
-        return self._aborting is not None and self._aborting.is_set()
+        return self._aborting
 
     def abort_all(self) -> None:
-        """End every request in flight now (each with finish_reason "abort")."""
-        self._event().set()
+        """End every request in flight now (each with finish_reason "abort"): those waiting for
+        their next output are woken (see next_or_abort), the others stop at their next turn."""
+        self._aborting = True
+        for task in list(self._waiting):
+            self._woken.add(task)
+            task.cancel()
 
     async def next_or_abort(self, outputs: AsyncIterator[Any]) -> Any:
-        """The next item of `outputs`, or ABORTED once abort_all() is called. Only used while
-        draining: a waiter task per item is a cost a serving server should not pay."""
-        event = self._event()
-        if event.is_set():
+        """The next item of `outputs` (StopAsyncIteration at its end, as anext), or ABORTED once
+        abort_all() is called, even while the engine has nothing for it yet (a queued request, a
+        long prefill). No task per item: abort_all() cancels the waiting task itself, and the
+        cancellation it caused (only that one) is turned into ABORTED here. The generator it
+        interrupts closes, which aborts its engine request and frees its KV blocks."""
+        if self._aborting:
             return ABORTED
-        nxt = asyncio.ensure_future(anext(outputs))
-        stop = asyncio.ensure_future(event.wait())
+        task = asyncio.current_task()
+        if task is None:  # not in a task (cannot happen under the server): nothing to cancel
+            return await anext(outputs)
+        self._waiting.add(task)
         try:
-            await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not nxt.done():  # aborted (or our caller cancelled): the stream closes, the engine aborts
-                nxt.cancel()
-                await asyncio.wait({nxt})
-        if nxt.cancelled():
+            return await anext(outputs)
+        except asyncio.CancelledError:
+            if task not in self._woken or task.uncancel() > 0:  # someone else's cancellation too
+                raise
             return ABORTED
-        return nxt.result()  # raises StopAsyncIteration at the end, as anext does
+        finally:
+            self._waiting.discard(task)
+            self._woken.discard(task)
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is in flight, at most `timeout` seconds; whether it got there."""

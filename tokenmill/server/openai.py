@@ -176,10 +176,12 @@ class OpenAIServing:
         try:
             while True:
                 try:
-                    delta = await (life.next_or_abort(outputs) if life.draining else anext(outputs))
+                    delta = await life.next_or_abort(outputs)
                 except StopAsyncIteration:
                     break
                 aborted = delta is ABORTED
+                if out is None and not aborted:
+                    self.admission.shares.mark_seen(job.request_id)
                 out = self._aborted(job, acc, out) if aborted else accumulate(acc, delta)
                 now = time.monotonic()
                 n = sum(len(c.token_ids) for c in out.outputs)

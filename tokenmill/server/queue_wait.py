@@ -100,11 +100,15 @@ class Forecast:
     start_s: list[tuple[float, int]] = field(default_factory=list)  # (start, prompt tokens) of the queue ahead
 
     def until_leave(self, k: int, ids: Iterable[str] | None = None) -> float:
-        """Seconds until k requests (of `ids`; default: any) have ended. 0 when k <= 0."""
+        """Seconds until k requests (of `ids`; default: any the forecast saw) have ended. 0 when
+        k <= 0. One of `ids` the forecast did not see has ended already (the engine is done with
+        it; its response is on its way out): it leaves at 0."""
         if k <= 0:
             return 0.0
-        wanted = None if ids is None else set(ids)
-        ends = sorted(t for rid, t in self.finish_s.items() if wanted is None or rid in wanted)
+        if ids is None:
+            ends = sorted(self.finish_s.values())
+        else:
+            ends = sorted(self.finish_s.get(rid, 0.0) for rid in set(ids))
         return ends[k - 1] if k <= len(ends) else math.inf
 
     def until_prefilled(self, tokens: int) -> float:

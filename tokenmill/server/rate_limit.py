@@ -35,6 +35,9 @@ class TokenBucket:
         self._refill(now)
         return 0.0 if self.tokens >= amount else (amount - self.tokens) / self._per_second
 
+    def give_back(self, amount: float) -> None:
+        self.tokens = min(self.capacity, self.tokens + amount)
+
     def try_take(self, amount: float, now: float) -> float:
         """Take `amount` and return 0.0, or take nothing and return the wait (inf: never fits)."""
         wait = self.wait_time(amount, now)
@@ -82,3 +85,15 @@ class RateLimiter:
                 requests.try_take(1, now)
             if tokens is not None:
                 tokens.try_take(num_tokens, now)
+
+    def refund(self, key: Optional[KeyInfo], num_tokens: int) -> None:
+        """Give back what check() took for a request refused after it (at capacity, or by a
+        limit it could never meet): a request that never ran costs its key nothing."""
+        if key is None:
+            return
+        with self._lock:
+            requests, tokens = self._buckets.get(key.key_id, (None, None))
+            if requests is not None:
+                requests.give_back(1)
+            if tokens is not None:
+                tokens.give_back(num_tokens)

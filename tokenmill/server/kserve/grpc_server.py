@@ -12,7 +12,9 @@ Each ModelInfer, and each request on a ModelStreamInfer stream, gets an access-l
 HTTP generation request does (access_log.py): method "gRPC", the RPC as its route, the status as
 its HTTP equivalent (200, 400, 503, ...). Its request id is the request's `id` field when usable
 (else its `x-request-id` metadata, else a fresh one); ModelInfer also returns it as `x-request-id`
-initial metadata.
+initial metadata. A refusal with a Retry-After (at capacity, a rate limit, shutting down) carries
+it as `retry-after` trailing metadata, or, on a stream, as the error response's `retry_after`
+parameter.
 
 It runs on the HTTP server's event loop (started and stopped with the app), so both front ends
 share one engine, one bouncer and one set of metrics. Stubs: tokenmill/server/kserve/protos
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Callable, Optional
 
@@ -128,7 +131,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _abort(self, context: Any, e: Exception) -> None:
         err = KServeError.of(e)
-        await context.abort(getattr(grpc.StatusCode, err.grpc_code), err.message)
+        # A refusal's Retry-After (at capacity, a rate limit, shutting down), as HTTP sends it.
+        metadata = (("retry-after", str(max(1, math.ceil(err.retry_after)))),) if err.retry_after else ()
+        await context.abort(getattr(grpc.StatusCode, err.grpc_code), err.message, trailing_metadata=metadata)
 
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return pb.ServerLiveResponse(live=True)
@@ -196,9 +201,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                             response = _response(request.model_name, kserve.version, request.id, tensors, final)
                             responses.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
             except (KServeError, ValueError, EngineDeadError) as e:
-                responses.put_nowait(pb.ModelStreamInferResponse(
-                    error_message=KServeError.of(e).message,
-                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id)))
+                err = KServeError.of(e)
+                response = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                if err.retry_after:  # the stream stays open: the hint goes in the response's parameters
+                    response.parameters["retry_after"].int64_param = max(1, math.ceil(err.retry_after))
+                responses.put_nowait(pb.ModelStreamInferResponse(error_message=err.message, infer_response=response))
 
         tasks: list[asyncio.Task] = []
 
