@@ -268,21 +268,28 @@ def test_auto_speculates_only_while_the_roofline_says_it_pays():
     assert not spec.stats.decision["speculate"]
 
 
-def test_tensor_parallel_verifies_proposals_exactly(make_checkpoint):
+@pytest.mark.parametrize("layout,spec", [
+    (dict(tensor_parallel_size=2), NGRAM),
+    # The draft runs whole in rank 0; its proposals reach the other ranks with the step.
+    (dict(tensor_parallel_size=2), "draft"),
+    (dict(pipeline_parallel_size=2), "draft"),
+])
+def test_parallel_ranks_verify_proposals_exactly(make_checkpoint, layout, spec):
     path, hf = make_checkpoint("LlamaForCausalLM", num_key_value_heads=2, initializer_range=0.08)
+    if spec == "draft":
+        small, _ = make_checkpoint("LlamaForCausalLM", seed=5, num_hidden_layers=1, hidden_size=32,
+                                   num_attention_heads=2, num_key_value_heads=1, initializer_range=0.08)
+        spec = {"model": small, "num_speculative_tokens": 3}
     prompts = repetitive_prompts(seed=3)[:3]
-    llm = LLM(path, skip_tokenizer_init=True, tensor_parallel_size=2, distributed_timeout_seconds=60,
-              speculative_config=NGRAM)
+    llm = LLM(path, skip_tokenizer_init=True, distributed_timeout_seconds=60, speculative_config=spec, **layout)
     try:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                             SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True), use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, NEW) for p in prompts]
-        assert spec_stats(llm).num_accepted_tokens > 0
+        assert spec_stats(llm).num_drafts > 0 and spec_stats(llm).num_accepted_tokens > 0
+        check_invariants(llm.llm_engine)
     finally:
         llm.shutdown()
-    with pytest.raises(ValueError, match="draft model runs in one process"):
-        LLM(path, skip_tokenizer_init=True, tensor_parallel_size=2, distributed_timeout_seconds=60,
-            speculative_config={"model": path, "num_speculative_tokens": 2})
 
 
 def test_stop_strings_and_json_schema_with_proposals():
@@ -317,27 +324,65 @@ def test_stop_strings_and_json_schema_with_proposals():
     assert spec_stats(spec).num_accepted_tokens > before  # the constrained request took proposals
 
 
-def test_auto_counts_each_budget_and_tests_a_no_again():
-    from tokenmill.spec_decode.speculator import _PROBE_EVERY, Speculator
+def _auto(k: int = 4):
+    from tokenmill.spec_decode.speculator import Speculator
 
-    config = SpeculativeConfig.parse({"method": "auto", "num_speculative_tokens": 4, "prompt_lookup_min": 1,
+    config = SpeculativeConfig.parse({"method": "auto", "num_speculative_tokens": k, "prompt_lookup_min": 1,
                                       "prompt_lookup_max": 2})
     spec = Speculator(config, _FakeCost(), max_model_len=1000)
     spec.peaks = (1e14, 1e12)
-    # 190 sequences with one output token left: a single proposal each doubles the step's tokens
-    # (1.6x its time, just past the ridge) and is expected to emit 1.5 tokens (the prior): no.
-    # Counting all k = 4 positions instead (1.94 tokens) would have said yes.
-    last = _decoding(190)
+    return spec
+
+
+def test_auto_counts_each_proposal_and_tests_a_no_again():
+    from tokenmill.spec_decode.speculator import PROBE_SHARE
+
+    spec = _auto()
+    # 20 sequences with one output token left: one proposal each, expected to emit 1.5 tokens
+    # (the prior), not the 1.94 of all k = 4 positions.
+    last = _decoding(20)
     for s in last:
         s.params.max_tokens = s.num_output_tokens + 2
     spec.propose(last)
     d = spec.stats.decision
-    assert not d["speculate"] and 1.49 < d["expected_accepted_length"] < 1.51, d
+    assert d["speculate"] and d["proposed_tokens"] == 20 and d["expected_tokens"] == pytest.approx(30.0, abs=0.01), d
+    # Past the ridge a "no" holds, until the declined steps' time pays for a probe (PROBE_SHARE).
     big = _decoding(512)
-    for _ in range(_PROBE_EVERY - 1):
+    declined = 0
+    while True:
         spec.propose(big)
-    assert not spec.stats.decision["speculate"]
-    spec.propose(big)  # the probe: proposals once in a while, so acceptance is measured again
-    assert spec.stats.decision == dict(speculate=True, probe=True, batch=512, proposing=512)
-    spec.observe_step(0.5, [(100, 1)] * 8)  # a slow host: half a second beyond the roofline
-    assert spec.overhead_s > 0.49
+        d = spec.stats.decision
+        if d["speculate"]:
+            break
+        declined += 1
+        assert declined < 1000
+    assert d["probe"] and all(s.spec_token_ids for s in big)
+    extra = d["speculative_step_s"] - d["plain_step_s"]
+    assert PROBE_SHARE * (declined + 1) * d["plain_step_s"] >= extra > PROBE_SHARE * declined * d["plain_step_s"]
+
+
+def test_measured_steps_overrule_the_roofline():
+    """At batch 2 the roofline calls proposals free; steps measured on a host where each proposed
+    row costs as much as a plain step (small weights in cache, overhead per row) turn it to no,
+    and a slow plain step also raises the host overhead the roofline is corrected by."""
+    from tokenmill.spec_decode.step_times import Line
+
+    spec = _auto()
+    pair = _decoding(2)
+    spec.propose(pair)
+    assert spec.stats.decision["speculate"]
+    for _ in range(6):
+        spec.observe_step(0.004, [(100, 1)] * 2, rows=0)
+        spec.observe_step(0.004 + 8 * 0.002, [(100, 5)] * 2, rows=8)
+    for s in pair:
+        s.spec_token_ids = []
+    spec.propose(pair)
+    d = spec.stats.decision
+    assert not d["speculate"] and d["plain_step_s"] == pytest.approx(0.004, rel=0.1), d
+    assert d["per_proposed_token_s"] == pytest.approx(0.002, rel=0.1) and spec.overhead_s > 0.0029  # 4 ms measured, ~1 ms roofline
+    # The line: without data the prior; with data at two row counts, the data's slope.
+    line = Line()
+    assert line.predict(4, 1.0, 0.5, 4) == 3.0
+    for x, y in [(0, 2.0), (8, 10.0)] * 10:
+        line.add(x, y)
+    assert line.predict(4, 1.0, 0.5, 4) == pytest.approx(6.0, rel=0.02)

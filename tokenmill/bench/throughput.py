@@ -4,6 +4,11 @@ Both run in the same process on the same model, dtype and machine, so the ratio 
 noisy shared machine. transformers is batched as a user would batch it: left-padded batches of
 16 through `generate`. Also printed: single-stream decode tokens/s against the bound set by
 reading every weight once per token at the probed memory bandwidth.
+
+When the batch limits are left to the roofline (no --max-num-seqs / --max-num-batched-tokens),
+tokenmill also runs with the fixed limits it used before (64 sequences, max(2048, max_model_len)
+tokens), the two alternating --limits-repeats times, so the chosen limits are measured against
+the old defaults in the same run.
 """
 from __future__ import annotations
 
@@ -27,6 +32,10 @@ logger = logging.getLogger(__name__)
 LLAMA_100M = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                   num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
                   tie_word_embeddings=True)
+
+
+# The batch limits before they were chosen from the roofline (max_num_batched_tokens was at least max_model_len).
+FIXED_MAX_NUM_SEQS, FIXED_MAX_BATCHED_TOKENS = 64, 2048
 
 
 def random_llama(spec: dict[str, Any], folder: Path, seed: int = 0) -> str:
@@ -67,6 +76,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="default: chosen from the roofline (before: 64)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="default: chosen from the roofline (before: max(2048, max_model_len))")
+    p.add_argument("--limits-repeats", type=int, default=2,
+                   help="with roofline-chosen limits: runs of each (roofline, fixed 64 / 2048) against the "
+                        "other, alternating; the best of each is compared. 0: no comparison")
     p.add_argument("--single-stream-tokens", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/tokenmill/bench"))
@@ -115,9 +127,24 @@ def _run_tokenmill(model: str, args: argparse.Namespace, work, bandwidth: float)
     sched = engine.scheduler_config
     return dict(elapsed_s=elapsed, output_tokens=n_out, output_tokens_per_s=n_out / elapsed,
                 max_num_seqs=sched.max_num_seqs, max_num_batched_tokens=sched.max_num_batched_tokens,
+                max_model_len=sched.max_model_len,
                 single_stream_decode_tokens_per_s=decode_tps, weight_bytes=engine.model_runner.weight_bytes,
                 mbu=util["mbu"], mfu=util["mfu"], peak_flops=util["peak_flops"],
                 peak_bandwidth=util["peak_bandwidth"])
+
+
+def _compare_limits(model: str, args: argparse.Namespace, work, bandwidth: float,
+                    first: dict[str, float]) -> dict[str, Any]:
+    """Roofline-chosen limits against the fixed defaults they replaced, alternating runs."""
+    fixed_args = argparse.Namespace(**{**vars(args), "max_num_seqs": FIXED_MAX_NUM_SEQS,
+                                       "max_num_batched_tokens": max(FIXED_MAX_BATCHED_TOKENS, first["max_model_len"])})
+    runs: dict[str, list[dict[str, float]]] = {"roofline": [first], "fixed": []}
+    for i in range(args.limits_repeats):
+        runs["fixed"].append(_run_tokenmill(model, fixed_args, work, bandwidth))
+        if i + 1 < args.limits_repeats:
+            runs["roofline"].append(_run_tokenmill(model, args, work, bandwidth))
+    best = {k: max(r["output_tokens_per_s"] for r in v) for k, v in runs.items()}
+    return {**runs, "best_output_tokens_per_s": best, "ratio": best["roofline"] / best["fixed"]}
 
 
 def _run_transformers(model: str, args: argparse.Namespace, work) -> dict[str, float]:
@@ -163,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num_prompts < 1:
         raise ValueError("--num-prompts must be >= 1")
+    if args.limits_repeats < 0:
+        raise ValueError("--limits-repeats must be >= 0")
     model = args.model or random_llama(LLAMA_100M, Path(args.cache_dir) / "llama-100m")
     from transformers import AutoConfig
 
@@ -170,6 +199,10 @@ def run(args: argparse.Namespace) -> int:
     work = _workload(args, vocab)
     bandwidth = measure_read_bandwidth()
     tm = _run_tokenmill(model, args, work, bandwidth)
+    limits = None
+    if args.max_num_seqs is None and args.max_num_batched_tokens is None and args.limits_repeats > 0:
+        limits = _compare_limits(model, args, work, bandwidth, tm)
+        tm = max(limits["roofline"], key=lambda r: r["output_tokens_per_s"])
     quantized = {Path(q).name: _run_tokenmill(q, args, work, bandwidth) for q in args.quantized}
     hf = _run_transformers(model, args, work)
     bound = bandwidth / tm["weight_bytes"]
@@ -178,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
                   throughput_ratio=tm["output_tokens_per_s"] / hf["output_tokens_per_s"],
                   read_bandwidth_gb_s=bandwidth / 1e9, decode_bound_tokens_per_s=bound,
                   single_stream_fraction_of_bound=tm["single_stream_decode_tokens_per_s"] / bound,
-                  quantized=quantized)
+                  quantized=quantized, limits=limits)
     print(f"\nmodel {model} ({tm['weight_bytes'] / 1e6:.0f} MB of weights, {args.dtype}), "
           f"{args.num_prompts} prompts, input {args.input_len}, output {args.output_len}, "
           f"{torch.get_num_threads()} threads; tokenmill max_num_seqs={tm['max_num_seqs']}, "
@@ -192,6 +225,13 @@ def run(args: argparse.Namespace) -> int:
         for key, label in (("output_tokens_per_s", "output tokens/s"),
                            ("single_stream_decode_tokens_per_s", "single-stream decode tok/s")):
             print(f"{(name + ' ' + label)[:43]:44}{hf[key]:>14.2f}{q[key]:>14.2f}{q[key] / hf[key]:>8.2f}x")
+    if limits is not None:  # the same workload, tokenmill against itself with the old fixed limits
+        best, f = limits["best_output_tokens_per_s"], limits["fixed"][0]
+        old, new = (f"fixed {f['max_num_seqs']} / {f['max_num_batched_tokens']}",
+                    f"roofline {tm['max_num_seqs']} / {tm['max_num_batched_tokens']}")
+        print(f"{'tokenmill batch limits (seqs / tokens)':44}{old:>18}{new:>18}{'ratio':>9}")
+        print(f"{'output tokens/s, best of ' + str(args.limits_repeats) + ' alternating runs':44}"
+              f"{best['fixed']:>18.2f}{best['roofline']:>18.2f}{limits['ratio']:>8.2f}x")
     print(f"memory read bandwidth (probe): {bandwidth / 1e9:.1f} GB/s -> decode bound {bound:.1f} tok/s; "
           f"tokenmill single stream at {100 * result['single_stream_fraction_of_bound']:.0f}% of it")
     print(f"tokenmill during the run: MBU {100 * tm['mbu']:.0f}% of {tm['peak_bandwidth'] / 1e9:.1f} GB/s, "

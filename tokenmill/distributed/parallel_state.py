@@ -13,13 +13,14 @@ Two process groups per rank, as vLLM keeps them:
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 import pickle
 import platform
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -73,6 +74,19 @@ def get_parallel_state() -> ParallelState:
 def set_parallel_state(state: ParallelState) -> None:
     global _state  # one layout per process, read by the layers while the model is built
     _state = state
+
+
+@contextlib.contextmanager
+def single_process() -> Iterator[None]:
+    """Within it, this process is a world of one: a model built here is whole (no shards), and its
+    forward calls no collective. Rank 0 runs a draft model this way beside its shard of the
+    target; only the engine thread builds or runs models, so swapping the layout is safe."""
+    global _state
+    saved, _state = _state, ParallelState()
+    try:
+        yield
+    finally:
+        _state = saved
 
 
 def init_distributed(tp_size: int, pp_size: int, rank: int, init_method: str, backend: str,

@@ -248,8 +248,11 @@ class LLMEngine:
         chunks = [(q.num_computed_tokens, n) for q, n in sched.scheduled]
         started = time.perf_counter()
         sampled = self.model_runner.execute(sched, self._banned(sched), grammars) if not sched.is_empty else {}
-        if self.speculator is not None and chunks and not any(q.spec_token_ids for q, _ in sched.scheduled):
-            self.speculator.observe_step(time.perf_counter() - started, chunks)
+        # A pure decode step (each sequence computes its last token and its proposals) is what
+        # "auto" measures its step times on; steps with prompt chunks cost otherwise.
+        if self.speculator is not None and chunks and all(n == 1 + len(q.spec_token_ids) for q, n in sched.scheduled):
+            self.speculator.observe_step(time.perf_counter() - started, chunks,
+                                         sum(len(q.spec_token_ids) for q, _ in sched.scheduled))
         # Prompt positions computed this step (recomputation after preemption included).
         prompt_tokens = sum(max(0, min(q.num_computed_tokens + n, q.num_prompt_tokens) - q.num_computed_tokens)
                             for q, n in sched.scheduled)

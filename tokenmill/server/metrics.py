@@ -128,7 +128,7 @@ class ModelMetrics:
                                                              self.spec_decode_num_accepted_tokens))
             if spec.decision:
                 self.spec_auto.set(1.0 if spec.decision["speculate"] else 0.0)
-                if "expected_accepted_length" in spec.decision:  # not on a probe step
+                if "expected_accepted_length" in spec.decision:
                     self.spec_expected.set(spec.decision["expected_accepted_length"])
             for pos, value in enumerate(spec.accepted_per_position):
                 counters[f"spec_pos{pos}"] = (value, self.spec_per_pos.labels(self.model_name, str(pos)))

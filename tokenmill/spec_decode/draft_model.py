@@ -1,6 +1,9 @@
 """A smaller checkpoint with the target's vocabulary proposes k tokens by decoding them itself.
 
-The draft has its own model runner, paged KV pool and block manager on the same device. Each
+The draft has its own model runner, paged KV pool and block manager on the same device. Under
+tensor or pipeline parallelism it runs whole in rank 0, the engine's process (as vLLM's draft at
+draft_tensor_parallel_size 1): a small model is not worth splitting, and its proposals are only
+token ids, which reach the other ranks with the step like any other token. Each
 target sequence has a mirror on the draft side: the same tokens, plus the draft's own KV. Before
 proposing, a mirror catches up with what the target accepted since (its KV is kept up to the
 longest prefix it shares with the target's tokens; rejected proposals' slots are written over),
@@ -20,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from tokenmill.config import CacheConfig, ModelConfig, SchedulerConfig
-from tokenmill.distributed.parallel_state import get_parallel_state
+from tokenmill.distributed.parallel_state import single_process
 from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.scheduler import SchedulerOutput
 from tokenmill.engine.sequence import Request, Sequence
@@ -36,9 +39,6 @@ class DraftModelProposer:
                  scheduler: SchedulerConfig, target_runner: Any) -> None:
         from tokenmill.engine.model_runner import ModelRunner  # the runner imports this package
 
-        if get_parallel_state().world_size > 1:
-            raise ValueError("a draft model runs in one process: with tensor or pipeline parallelism use "
-                             '{"method": "ngram"} instead')
         assert config.model is not None
         self.model_config = ModelConfig(model=config.model, dtype=str(target.torch_dtype).replace("torch.", ""),
                                         max_model_len=min(target.max_model_len, _max_len(config.model)),
@@ -51,7 +51,8 @@ class DraftModelProposer:
         # As many blocks as the target's pool (the draft's are smaller), no spill tier.
         draft_cache = dataclasses.replace(cache, swap_space=0, num_gpu_blocks_override=target_runner.num_blocks,
                                           kv_cache_memory_bytes=None)
-        self.runner = ModelRunner(self.model_config, draft_cache, scheduler, executor=None)
+        with single_process():  # whole on rank 0, beside the target's shard when that is split
+            self.runner = ModelRunner(self.model_config, draft_cache, scheduler, executor=None)
         self.block_manager = BlockManager(self.runner.num_blocks, draft_cache.block_size, enable_prefix_caching=False)
         self.cost = self.runner.cost
         self.mirrors: dict[int, Sequence] = {}  # by the target sequence's id
@@ -105,7 +106,8 @@ class DraftModelProposer:
         if not sched.scheduled:
             return [], None
         sched.num_batched_tokens = sum(n for _, n in sched.scheduled)
-        ran, logits, _ = self.runner.forward(sched)
+        with single_process():
+            ran, logits, _ = self.runner.forward(sched)
         for m, n in sched.scheduled:
             m.num_computed_tokens += n
         return ran, logits
@@ -147,10 +149,22 @@ class DraftModelProposer:
                 seq.spec_token_ids = drafts[seq_id]
                 seq.spec_probs = torch.stack(dists[seq_id]) if dists[seq_id] else None
 
-    def propose_seconds(self, seqs: list[Sequence], k: int, peak_flops: float, peak_bandwidth: float) -> float:
-        """The roofline time of proposing k tokens for seqs: k draft decode steps."""
-        flops, nbytes = self.cost.step([(s.num_tokens, 1) for s in seqs], len(seqs))
-        return k * max(flops / peak_flops, nbytes / peak_bandwidth)
+    def has_mirror(self, seq: Sequence) -> bool:
+        return seq.seq_id in self.mirrors
+
+    def catch_up_tokens(self, seqs: list[Sequence]) -> list[int]:
+        """Tokens each seq's mirror must compute before it proposes: the whole sequence for a new
+        one, else those after what the draft last proposed from (the accepted tokens and one)."""
+        out = []
+        for seq in seqs:
+            mirror = self.mirrors.get(seq.seq_id)
+            out.append(seq.num_tokens if mirror is None else max(1, seq.num_tokens - self.base[mirror.seq_id] + 1))
+        return out
+
+    def roofline_seconds(self, chunks: list[tuple[int, int]], peak_flops: float, peak_bandwidth: float) -> float:
+        """The draft's roofline time for one forward over chunks ((context, new tokens) each)."""
+        flops, nbytes = self.cost.step(chunks, len(chunks))
+        return max(flops / peak_flops, nbytes / peak_bandwidth)
 
 
 def _max_len(path: str) -> int:

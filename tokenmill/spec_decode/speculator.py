@@ -1,17 +1,21 @@
 """The engine's speculative decoding: who gets proposals each step, what was accepted, and (with
 method "auto") whether proposing pays at all this step.
 
-The decision is the roofline's. A plain decode step of B sequences reads the weights once and
-computes B tokens; verifying k proposals each computes B(k+1) tokens for the same weight read.
-While the step is bandwidth-bound the extra tokens are nearly free, and each sequence gains the
-expected accepted length E = 1 + sum_j P(position j accepted); once B(k+1) tokens push the step
-past the ridge, its time grows with the tokens and E no longer covers it. So each step compares
-  plain: t(B tokens) / B      with      speculative: (t(B(k+1) tokens) + t_propose) / (B * E)
-(time per emitted token), with t from the model's cost and the device's peaks.
+A plain decode step of B sequences reads the weights once and computes B tokens; verifying
+proposals computes their rows too, for the same weight read. While the step is bandwidth-bound
+the extra rows are nearly free, and each proposing sequence gains its expected accepted length
+E = 1 + sum_j P(position j accepted); once the rows push the step past the ridge its time grows
+with them and E no longer covers it. So each step compares time per emitted token,
+  plain: t(0 rows) / B      with      speculative: (t(R rows) + t_propose) / (B + sum(E_i - 1)),
+with t from the model's cost at the device's peaks (the roofline), corrected by the steps
+measured at this batch size (step_times.py), and E from the measured acceptance. The n-gram
+proposals are looked up before deciding (it costs little), so R and each E_i are those of the
+proposals actually at hand.
 """
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -20,6 +24,7 @@ from tokenmill.layers.sampler import SampledToken
 from tokenmill.model_cost import ModelCost
 from tokenmill.spec_decode.config import SpeculativeConfig
 from tokenmill.spec_decode.ngram import NgramProposer
+from tokenmill.spec_decode.step_times import StepTimes
 
 if TYPE_CHECKING:
     from tokenmill.spec_decode.draft_model import DraftModelProposer
@@ -29,8 +34,11 @@ logger = logging.getLogger(__name__)
 # Before anything is measured, "auto" assumes each position is accepted half the time.
 _PRIOR_ACCEPTANCE = 0.5
 _PRIOR_WEIGHT = 8  # proposals' worth of that prior, so a handful of real ones dominate it
-# After this many steps decided against proposing, one step proposes anyway, to measure again.
-_PROBE_EVERY = 64
+# Steps decided against proposing propose anyway now and then, to measure again; such probes
+# cost at most this share of the declined steps' time.
+PROBE_SHARE = 0.02
+# A draft's catch-up on a new sequence's context counts against at most this many steps.
+AMORTIZE_STEPS = 16
 
 
 @dataclass
@@ -55,6 +63,26 @@ class SpecDecodeStats:
         return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
 
 
+@dataclass
+class _Plan:
+    """One step's estimates for the "auto" decision."""
+
+    batch: int
+    roofline_plain: float  # the roofline's time of the plain step
+    plain: float  # the plain step's time, corrected by measurement
+    per_row: float  # what each proposed token's row adds to it
+    measured: float  # ~how many recent steps at this batch size the correction rests on
+
+    def might_pay(self, gain_per_proposal: float, k: int) -> bool:
+        """Whether a sequence's full proposal (k rows) gains more time than it costs."""
+        return gain_per_proposal * self.plain / self.batch > self.per_row * k
+
+    def describe(self, speculate: bool, probe: bool, inputs: dict[str, Any]) -> dict[str, Any]:
+        return dict(speculate=speculate, probe=probe, **inputs, plain_step_s=self.plain,
+                    plain_s_per_token=self.plain / self.batch, roofline_plain_step_s=self.roofline_plain,
+                    per_proposed_token_s=self.per_row, measured_steps=round(self.measured, 1))
+
+
 def step_seconds(cost: ModelCost, chunks: list[tuple[int, int]], peak_flops: float, peak_bandwidth: float) -> float:
     """The roofline time of one forward over `chunks` ((context, new tokens) per sequence)."""
     flops, nbytes = cost.step(chunks, sum(n for _, n in chunks))  # every computed row's logits
@@ -73,15 +101,13 @@ class Speculator:
         self.stats = SpecDecodeStats(accepted_per_position=[0] * self.k)
         self.peaks: Optional[tuple[float, float]] = None  # (FLOP/s, bytes/s), set by the engine for "auto"
         self.overhead_s = 0.0  # measured host time per forward beyond the roofline (observe_step)
-        self._declined = 0  # steps decided against proposing since the last proposal
+        self.times = StepTimes()  # measured step times that correct the roofline's
+        self._declined_s = 0.0  # estimated time of the steps declined since the last proposal
 
     def budget(self, seq: Sequence) -> int:
         """Proposals worth making: every emitted token counts against max_tokens and the model
         length, and the verification always emits one more than it accepts."""
-        room = self.max_model_len - seq.num_tokens
-        if seq.params.max_tokens is not None:
-            room = min(room, seq.params.max_tokens - seq.num_output_tokens)
-        return max(0, min(self.k, room - 1))
+        return max(0, min(self.k, self.budget_left(seq) - 1))
 
     def eligible(self, seq: Sequence) -> bool:
         # Penalties depend on every token before a position, proposals included: such requests
@@ -93,19 +119,38 @@ class Speculator:
         """Set spec_token_ids (and spec_probs) for the next step's decodes."""
         if self.draft is not None:  # the draft's KV of sequences that left the batch goes back
             self.draft.release({s.seq_id for s in running})
-        seqs = [s for s in running if self.eligible(s) and self.budget(s) > 0]
-        if not seqs:
+        if self.ngram is not None and self.ngram.num_kept > len(running):
+            self.ngram.retain(s.seq_id for s in running)
+        pairs = [(s, b) for s in running if self.eligible(s) and (b := self.budget(s)) > 0]
+        if not pairs:
             return
-        if self.config.switches and not self.pays(running, seqs):
-            self.stats.steps_without += 1
+        seqs, budgets = [s for s, _ in pairs], [b for _, b in pairs]
+        plan = self._plan(running) if self.config.switches and self.peaks is not None else None
+        if (plan is not None and self.ngram is not None and not plan.might_pay(self.expected_length() - 1.0, self.k)
+                and PROBE_SHARE * self._declined_s < plan.per_row * self.k):
+            # Not even a full proposal pays at this batch, and no probe is due: decline without
+            # looking up.
+            e = self.expected_length()
+            full = plan.plain + plan.per_row * self.k * plan.batch  # as if every sequence proposed k
+            self._decline(plan, dict(batch=plan.batch, expected_accepted_length=round(e, 3),
+                                     speculative_s_per_token=full / (plan.batch * e)))
+            return
+        proposals = None
+        if self.ngram is not None:  # a lookup costs little: "auto" decides on the actual proposals
+            proposals = [self.ngram.propose(s.token_ids, b, key=s.seq_id) for s, b in zip(seqs, budgets)]
+            if not any(proposals):
+                return
+        if plan is not None and not self.pays(plan, seqs, budgets, proposals):
             return
         self.stats.steps_with_proposals += 1
         if self.draft is not None:
-            self.draft.propose(seqs, [self.budget(s) for s in seqs])
+            started, catch_up = time.perf_counter(), sum(self.draft.catch_up_tokens(seqs))
+            self.draft.propose(seqs, budgets)
+            self.times.observe_draft(len(seqs), catch_up, time.perf_counter() - started)
             return
-        assert self.ngram is not None
-        for seq in seqs:
-            seq.spec_token_ids = self.ngram.propose(seq.token_ids, self.budget(seq))
+        assert proposals is not None
+        for seq, proposal in zip(seqs, proposals):
+            seq.spec_token_ids = proposal
 
     def expected_length(self, budget: Optional[int] = None) -> float:
         """E[tokens emitted by a verification of `budget` (default k) proposals], from the
@@ -115,47 +160,88 @@ class Speculator:
         return 1.0 + sum((s.accepted_per_position[j] + w * _PRIOR_ACCEPTANCE ** (j + 1)) / (s.num_drafts + w)
                          for j in range(self.k if budget is None else budget))
 
-    def pays(self, running: list[Sequence], seqs: list[Sequence]) -> bool:
-        """The roofline's verdict for this step (see the module docstring); recorded in stats.
-
-        Two corrections to the pure roofline: each forward also costs the host time measured
-        beyond its roofline time (launching kernels, building the batch; it is what a draft
-        model's k small forwards mostly cost), and a "no" is tested again now and then by
-        proposing anyway, or an acceptance rate measured once could never be revised."""
-        if self.peaks is None:
-            return True
-        if self._declined >= _PROBE_EVERY:
-            self._declined = 0
-            self.stats.decision = dict(speculate=True, probe=True, batch=len(running), proposing=len(seqs))
-            return True
+    def _plan(self, running: list[Sequence]) -> "_Plan":
+        """This batch's plain step time and what each proposed row adds (roofline, corrected)."""
+        assert self.peaks is not None
         flops, bandwidth = self.peaks
-        overhead = self.overhead_s
-        decodes = [(s.num_computed_tokens, 1) for s in running]
-        plain = step_seconds(self.cost, decodes, flops, bandwidth) + overhead
-        budgets = {s.seq_id: self.budget(s) for s in seqs}
-        spec_chunks = [(s.num_computed_tokens, 1 + budgets.get(s.seq_id, 0)) for s in running]
-        spec = step_seconds(self.cost, spec_chunks, flops, bandwidth) + overhead
-        if self.draft is not None:
-            spec += self.draft.propose_seconds(seqs, self.k, flops, bandwidth) + self.k * overhead
-        # Per sequence: what its own budget of proposals is expected to emit.
-        emitted_spec = len(running) - len(seqs) + sum(self.expected_length(b) for b in budgets.values())
-        emitted_plain = len(running)
-        ok = spec / emitted_spec < plain / emitted_plain
-        self._declined = 0 if ok else self._declined + 1
-        self.stats.decision = dict(speculate=ok, probe=False, batch=len(running), proposing=len(seqs),
-                                   expected_accepted_length=round(emitted_spec / len(running), 3),
-                                   host_overhead_s=overhead, plain_step_s=plain, speculative_step_s=spec,
-                                   plain_s_per_token=plain / emitted_plain,
-                                   speculative_s_per_token=spec / emitted_spec)
-        return ok
+        batch, full = len(running), len(running) * self.k
+        plain_rl = step_seconds(self.cost, [(s.num_computed_tokens, 1) for s in running], flops, bandwidth)
+        full_rl = step_seconds(self.cost, [(s.num_computed_tokens, 1 + self.k) for s in running], flops, bandwidth)
+        prior = (plain_rl + self.overhead_s, (full_rl - plain_rl) / full, batch)
+        plain = self.times.step(batch, 0, *prior)
+        per_row = (self.times.step(batch, full, *prior) - plain) / full
+        return _Plan(batch, plain_rl, plain, per_row, self.times.measured_steps(batch))
 
-    def observe_step(self, seconds: float, chunks: list[tuple[int, int]]) -> None:
-        """A plain (no proposals) step's measured time: what it took beyond its roofline time is
-        the per-forward host overhead (an exponential moving average)."""
+    def pays(self, plan: "_Plan", seqs: list[Sequence], budgets: list[int],
+             proposals: Optional[list[list[int]]]) -> bool:
+        """The verdict for this step (see the module docstring); recorded in stats.
+
+        Step times are the roofline's, corrected by the steps measured at this batch size
+        (step_times.py), the draft's proposing time likewise. A "no" is tested again now and then
+        by proposing anyway, or an acceptance rate or a step time measured once could never be
+        revised; what such probes cost is held to PROBE_SHARE of the declined steps' time."""
+        lengths = [len(p) for p in proposals] if proposals is not None else budgets
+        rows = sum(lengths)
+        spec = probe_cost = plan.plain + plan.per_row * rows
+        if self.draft is not None:
+            spec += self._proposing_seconds(seqs, amortized=True)
+            probe_cost += self._proposing_seconds(seqs, amortized=False)
+        # Per sequence: what its own proposals are expected to emit.
+        emitted = plan.batch + sum(self.expected_length(n) - 1.0 for n in lengths)
+        inputs = dict(batch=plan.batch, proposing=sum(1 for n in lengths if n), proposed_tokens=rows,
+                      expected_accepted_length=round(self.expected_length(), 3),
+                      expected_tokens=round(emitted, 3), speculative_step_s=spec,
+                      speculative_s_per_token=spec / emitted)
+        if spec / emitted < plan.plain / plan.batch:
+            self._declined_s = 0.0
+            self.stats.decision = plan.describe(True, False, inputs)
+            return True
+        return self._decline(plan, inputs, probe_cost)
+
+    def _decline(self, plan: "_Plan", inputs: dict[str, Any], probe_cost: Optional[float] = None) -> bool:
+        """A "no", unless the declined steps' time has paid for a probe (then "yes, to measure")."""
+        self._declined_s += plan.plain
+        if probe_cost is not None and PROBE_SHARE * self._declined_s >= probe_cost - plan.plain:
+            self._declined_s = 0.0
+            self.stats.decision = plan.describe(True, True, inputs)
+            return True
+        self.stats.steps_without += 1
+        self.stats.decision = plan.describe(False, False, inputs)
+        return False
+
+    def _proposing_seconds(self, seqs: list[Sequence], amortized: bool) -> float:
+        """The draft's time to propose for seqs: k forwards plus the tokens its mirrors catch up
+        on. A new mirror's catch-up (the whole context) is paid once and serves the steps after
+        it, so the decision spreads it over those (at most AMORTIZE_STEPS)."""
+        assert self.draft is not None and self.peaks is not None
+        flops, bandwidth = self.peaks
+        catch = self.draft.catch_up_tokens(seqs)
+        if amortized:
+            catch = [c if self.draft.has_mirror(s) else c / max(1.0, min(AMORTIZE_STEPS, self.budget_left(s)
+                                                                          / self.expected_length()))
+                     for s, c in zip(seqs, catch)]
+        decode = self.draft.roofline_seconds([(s.num_tokens, 1) for s in seqs], flops, bandwidth)
+        per_token = self.draft.roofline_seconds([(0, 1)], flops, bandwidth)
+        typical = len(seqs) * (self.k + 1)
+        return self.times.proposing(len(seqs), sum(catch), self.k * (decode + self.overhead_s), per_token, typical)
+
+    def budget_left(self, seq: Sequence) -> int:
+        """Tokens the sequence may still emit."""
+        room = self.max_model_len - seq.num_tokens
+        if seq.params.max_tokens is not None:
+            room = min(room, seq.params.max_tokens - seq.num_output_tokens)
+        return max(0, room)
+
+    def observe_step(self, seconds: float, chunks: list[tuple[int, int]], rows: int) -> None:
+        """A pure decode step's measured time (`rows` proposed tokens verified in it). A plain
+        step's time beyond its roofline time also updates the host overhead per forward (an
+        exponential moving average), the prior for batch sizes not measured yet."""
         if self.peaks is None or not chunks:
             return
-        extra = max(0.0, seconds - step_seconds(self.cost, chunks, *self.peaks))
-        self.overhead_s = extra if self.overhead_s == 0.0 else 0.9 * self.overhead_s + 0.1 * extra
+        self.times.observe_step(len(chunks), rows, seconds)
+        if rows == 0:
+            extra = max(0.0, seconds - step_seconds(self.cost, chunks, *self.peaks))
+            self.overhead_s = extra if self.overhead_s == 0.0 else 0.9 * self.overhead_s + 0.1 * extra
 
     def record(self, drafted: dict[int, int], sampled: dict[int, list[SampledToken]]) -> None:
         """After a step: each verified proposal's accepted length."""
