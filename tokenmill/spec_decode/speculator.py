@@ -72,10 +72,28 @@ class _Plan:
     plain: float  # the plain step's time, corrected by measurement
     per_row: float  # what each proposed token's row adds to it
     measured: float  # ~how many recent steps at this batch size the correction rests on
+    table: list[float]  # expected tokens a verification of n proposals emits, n = 0..k
+    drafting: Optional[tuple[float, float]]  # the draft's (fixed seconds, seconds per catch-up token)
+    best_s: float = 0.0  # the step's time if every sequence proposed its whole budget
+    best_emitted: float = 0.0
+    best_pays: bool = True
 
-    def might_pay(self, gain_per_proposal: float, k: int) -> bool:
-        """Whether a sequence's full proposal (k rows) gains more time than it costs."""
-        return gain_per_proposal * self.plain / self.batch > self.per_row * k
+    def emitted(self, lengths: list[int]) -> float:
+        return self.batch + sum(self.table[n] - 1.0 for n in lengths)
+
+    def draft_seconds(self, catch_up: float) -> float:
+        return 0.0 if self.drafting is None else self.drafting[0] + self.drafting[1] * catch_up
+
+    def set_best(self, budgets: list[int]) -> None:
+        """The best case (catch-up aside): proposals of every budget, each worth its expected tokens."""
+        self.best_s = self.plain + self.per_row * sum(budgets) + self.draft_seconds(0.0)
+        self.best_emitted = self.emitted(budgets)
+        self.best_pays = self.best_s / self.best_emitted < self.plain / self.batch
+
+    def best_inputs(self) -> dict[str, Any]:
+        return dict(batch=self.batch, expected_accepted_length=round(self.table[-1], 3),
+                    expected_tokens=round(self.best_emitted, 3), speculative_step_s=self.best_s,
+                    speculative_s_per_token=self.best_s / self.best_emitted)
 
     def describe(self, speculate: bool, probe: bool, inputs: dict[str, Any]) -> dict[str, Any]:
         return dict(speculate=speculate, probe=probe, **inputs, plain_step_s=self.plain,
@@ -125,22 +143,18 @@ class Speculator:
         if not pairs:
             return
         seqs, budgets = [s for s, _ in pairs], [b for _, b in pairs]
-        plan = self._plan(running) if self.config.switches and self.peaks is not None else None
-        if (plan is not None and self.ngram is not None and not plan.might_pay(self.expected_length() - 1.0, self.k)
-                and PROBE_SHARE * self._declined_s < plan.per_row * self.k):
-            # Not even a full proposal pays at this batch, and no probe is due: decline without
-            # looking up.
-            e = self.expected_length()
-            full = plan.plain + plan.per_row * self.k * plan.batch  # as if every sequence proposed k
-            self._decline(plan, dict(batch=plan.batch, expected_accepted_length=round(e, 3),
-                                     speculative_s_per_token=full / (plan.batch * e)))
+        plan = self._plan(running, seqs, budgets) if self.config.switches and self.peaks is not None else None
+        if plan is not None and not plan.best_pays and PROBE_SHARE * self._declined_s < plan.best_s - plan.plain:
+            # Not even every sequence proposing its whole budget would pay, and no probe is due:
+            # decline before looking anything up.
+            self._decline(plan, plan.best_inputs())
             return
         proposals = None
         if self.ngram is not None:  # a lookup costs little: "auto" decides on the actual proposals
             proposals = [self.ngram.propose(s.token_ids, b, key=s.seq_id) for s, b in zip(seqs, budgets)]
             if not any(proposals):
                 return
-        if plan is not None and not self.pays(plan, seqs, budgets, proposals):
+        if plan is not None and not self.pays(plan, seqs, [len(p) for p in proposals] if proposals else budgets):
             return
         self.stats.steps_with_proposals += 1
         if self.draft is not None:
@@ -152,46 +166,48 @@ class Speculator:
         for seq, proposal in zip(seqs, proposals):
             seq.spec_token_ids = proposal
 
-    def expected_length(self, budget: Optional[int] = None) -> float:
-        """E[tokens emitted by a verification of `budget` (default k) proposals], from the
-        measured per-position acceptance (each position's unconditional rate), blended with a
-        prior."""
+    def expected_lengths(self) -> list[float]:
+        """E[tokens emitted by a verification of n proposals], n = 0..k, from the measured
+        per-position acceptance (each position's unconditional rate), blended with a prior."""
         s, w = self.stats, _PRIOR_WEIGHT
-        return 1.0 + sum((s.accepted_per_position[j] + w * _PRIOR_ACCEPTANCE ** (j + 1)) / (s.num_drafts + w)
-                         for j in range(self.k if budget is None else budget))
+        out = [1.0]
+        for j in range(self.k):
+            out.append(out[-1] + (s.accepted_per_position[j] + w * _PRIOR_ACCEPTANCE ** (j + 1)) / (s.num_drafts + w))
+        return out
 
-    def _plan(self, running: list[Sequence]) -> "_Plan":
-        """This batch's plain step time and what each proposed row adds (roofline, corrected)."""
+    def _plan(self, running: list[Sequence], seqs: list[Sequence], budgets: list[int]) -> "_Plan":
+        """This batch's plain step time, what each proposed row adds (roofline, corrected by
+        measurement), the draft's fixed cost, and the best case: every budget proposed."""
         assert self.peaks is not None
         flops, bandwidth = self.peaks
         batch, full = len(running), len(running) * self.k
         plain_rl = step_seconds(self.cost, [(s.num_computed_tokens, 1) for s in running], flops, bandwidth)
         full_rl = step_seconds(self.cost, [(s.num_computed_tokens, 1 + self.k) for s in running], flops, bandwidth)
-        prior = (plain_rl + self.overhead_s, (full_rl - plain_rl) / full, batch)
-        plain = self.times.step(batch, 0, *prior)
-        per_row = (self.times.step(batch, full, *prior) - plain) / full
-        return _Plan(batch, plain_rl, plain, per_row, self.times.measured_steps(batch))
+        plain, per_row = self.times.step_line(batch, plain_rl + self.overhead_s, (full_rl - plain_rl) / full)
+        table = self.expected_lengths()
+        drafting = self._draft_line(seqs) if self.draft is not None else None
+        plan = _Plan(batch, plain_rl, plain, per_row, self.times.measured_steps(batch), table, drafting)
+        plan.set_best(budgets)
+        return plan
 
-    def pays(self, plan: "_Plan", seqs: list[Sequence], budgets: list[int],
-             proposals: Optional[list[list[int]]]) -> bool:
-        """The verdict for this step (see the module docstring); recorded in stats.
+    def pays(self, plan: "_Plan", seqs: list[Sequence], lengths: list[int]) -> bool:
+        """The verdict for this step on proposals of these lengths (see the module docstring);
+        recorded in stats.
 
         Step times are the roofline's, corrected by the steps measured at this batch size
         (step_times.py), the draft's proposing time likewise. A "no" is tested again now and then
         by proposing anyway, or an acceptance rate or a step time measured once could never be
         revised; what such probes cost is held to PROBE_SHARE of the declined steps' time."""
-        lengths = [len(p) for p in proposals] if proposals is not None else budgets
         rows = sum(lengths)
         spec = probe_cost = plan.plain + plan.per_row * rows
         if self.draft is not None:
-            spec += self._proposing_seconds(seqs, amortized=True)
-            probe_cost += self._proposing_seconds(seqs, amortized=False)
-        # Per sequence: what its own proposals are expected to emit.
-        emitted = plan.batch + sum(self.expected_length(n) - 1.0 for n in lengths)
+            amortized, actual = self._catch_up(seqs, plan.table[self.k])
+            spec += plan.draft_seconds(amortized)
+            probe_cost += plan.draft_seconds(actual)
+        emitted = plan.emitted(lengths)
         inputs = dict(batch=plan.batch, proposing=sum(1 for n in lengths if n), proposed_tokens=rows,
-                      expected_accepted_length=round(self.expected_length(), 3),
-                      expected_tokens=round(emitted, 3), speculative_step_s=spec,
-                      speculative_s_per_token=spec / emitted)
+                      expected_accepted_length=round(plan.table[self.k], 3), expected_tokens=round(emitted, 3),
+                      speculative_step_s=spec, speculative_s_per_token=spec / emitted)
         if spec / emitted < plan.plain / plan.batch:
             self._declined_s = 0.0
             self.stats.decision = plan.describe(True, False, inputs)
@@ -209,21 +225,24 @@ class Speculator:
         self.stats.decision = plan.describe(False, False, inputs)
         return False
 
-    def _proposing_seconds(self, seqs: list[Sequence], amortized: bool) -> float:
-        """The draft's time to propose for seqs: k forwards plus the tokens its mirrors catch up
-        on. A new mirror's catch-up (the whole context) is paid once and serves the steps after
-        it, so the decision spreads it over those (at most AMORTIZE_STEPS)."""
+    def _draft_line(self, seqs: list[Sequence]) -> tuple[float, float]:
+        """The draft's proposing time for seqs as (fixed, per catch-up token): its k forwards,
+        and each token its mirrors compute first (roofline priors, corrected by measurement)."""
         assert self.draft is not None and self.peaks is not None
         flops, bandwidth = self.peaks
-        catch = self.draft.catch_up_tokens(seqs)
-        if amortized:
-            catch = [c if self.draft.has_mirror(s) else c / max(1.0, min(AMORTIZE_STEPS, self.budget_left(s)
-                                                                          / self.expected_length()))
-                     for s, c in zip(seqs, catch)]
         decode = self.draft.roofline_seconds([(s.num_tokens, 1) for s in seqs], flops, bandwidth)
-        per_token = self.draft.roofline_seconds([(0, 1)], flops, bandwidth)
-        typical = len(seqs) * (self.k + 1)
-        return self.times.proposing(len(seqs), sum(catch), self.k * (decode + self.overhead_s), per_token, typical)
+        return self.times.draft_line(len(seqs), self.k * (decode + self.overhead_s),
+                                     self.draft.roofline_seconds([(0, 1)], flops, bandwidth), len(seqs) * (self.k + 1))
+
+    def _catch_up(self, seqs: list[Sequence], expected: float) -> tuple[float, float]:
+        """Tokens the draft's mirrors compute before proposing, (as the decision counts them,
+        actual). A new mirror's catch-up (the whole context) is paid once and serves the steps
+        after it, so the decision spreads it over those (at most AMORTIZE_STEPS)."""
+        assert self.draft is not None
+        catch = self.draft.catch_up_tokens(seqs)
+        spread = sum(c if self.draft.has_mirror(s) else c / max(1.0, min(AMORTIZE_STEPS, self.budget_left(s) / expected))
+                     for s, c in zip(seqs, catch))
+        return spread, float(sum(catch))
 
     def budget_left(self, seq: Sequence) -> int:
         """Tokens the sequence may still emit."""

@@ -46,17 +46,21 @@ class Line:
         self.w, self.wx, self.wy = DECAY * self.w + 1, DECAY * self.wx + x, DECAY * self.wy + y
         self.wxx, self.wxy = DECAY * self.wxx + x * x, DECAY * self.wxy + x * y
 
-    def predict(self, x: float, prior_a: float, prior_b: float, prior_x: float) -> float:
-        """Time at x. Without measurements, the prior line; with them, the intercept is theirs
-        and the slope is the ridge estimate b = (S_xy + lam * b0) / (S_xx + lam), where lam is
-        PRIOR_STEPS steps' worth at prior_x rows from the mean."""
+    def fit(self, prior_a: float, prior_b: float, prior_x: float) -> tuple[float, float]:
+        """(intercept, slope). Without measurements, the prior's; with them, the intercept is
+        theirs and the slope is the ridge estimate b = (S_xy + lam * b0) / (S_xx + lam), where
+        lam is PRIOR_STEPS steps' worth at prior_x from the mean."""
         if self.w < 1e-9:
-            return prior_a + prior_b * x
+            return prior_a, prior_b
         mx, my = self.wx / self.w, self.wy / self.w
         sxx, sxy = self.wxx - self.w * mx * mx, self.wxy - self.w * mx * my
         lam = PRIOR_STEPS * max(prior_x, 1.0) ** 2
         b = max(0.0, (sxy + lam * prior_b) / (max(sxx, 0.0) + lam))
-        return max(0.0, my + b * (x - mx))
+        return max(1e-9, my - b * mx), b
+
+    def predict(self, x: float, prior_a: float, prior_b: float, prior_x: float) -> float:
+        a, b = self.fit(prior_a, prior_b, prior_x)
+        return a + b * x
 
     @property
     def measured(self) -> float:
@@ -77,12 +81,13 @@ class StepTimes:
     def observe_draft(self, batch: int, catch_up: int, seconds: float) -> None:
         self.draft.setdefault(bucket(batch), Line()).add(catch_up, seconds)
 
-    def step(self, batch: int, rows: float, prior_plain: float, prior_per_row: float, prior_x: int) -> float:
-        return self.target.get(bucket(batch), Line()).predict(rows, prior_plain, prior_per_row, prior_x)
+    def step_line(self, batch: int, prior_plain: float, prior_per_row: float) -> tuple[float, float]:
+        """(plain step seconds, seconds per proposed row) at this batch size."""
+        return self.target.get(bucket(batch), Line()).fit(prior_plain, prior_per_row, batch)
 
-    def proposing(self, batch: int, catch_up: float, prior_fixed: float, prior_per_token: float,
-                  typical: int) -> float:
-        return self.draft.get(bucket(batch), Line()).predict(catch_up, prior_fixed, prior_per_token, typical)
+    def draft_line(self, batch: int, prior_fixed: float, prior_per_token: float, typical: int) -> tuple[float, float]:
+        """(the draft's seconds to propose, seconds per token its mirrors catch up on)."""
+        return self.draft.get(bucket(batch), Line()).fit(prior_fixed, prior_per_token, typical)
 
     def measured_steps(self, batch: int) -> float:
         line = self.target.get(bucket(batch))
