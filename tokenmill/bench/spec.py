@@ -48,7 +48,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-lookup-max", type=int, default=4)
     p.add_argument("--draft-layers", type=int, default=2, help="layers the truncated draft keeps")
     p.add_argument("--batch-sizes", default="1,8")
-    p.add_argument("--repeats", type=int, default=3, help="runs per configuration (median kept)")
+    p.add_argument("--repeats", type=int, default=5, help="runs per configuration (median kept)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default). 1 by default: on a "
                    "shared 2-core machine, 2 threads stall in OpenMP barriers (5x slower decode, and noisy)")
     p.add_argument("--seed", type=int, default=0)
@@ -154,14 +154,16 @@ def acceptance(counts: tuple[int, ...]) -> dict[str, float]:
 
 
 def summarize(rows: list[dict[str, Any]]) -> None:
-    """Each row's median tok/s of its runs (by the clock, and by this process's CPU time) and
-    their ratios to the `none` row of its cell."""
+    """Each row's median tok/s of its runs (by the clock, and by this process's CPU time), and its
+    ratio to the `none` row of its cell: the median of the repeats' ratios, each run against
+    `none`'s run in the same repeat (seconds apart), which cancels the machine's slower drifts."""
     for key, runs, ratio in (("tokens_per_s", "runs", "ratio"), ("cpu_tokens_per_s", "cpu_runs", "cpu_ratio")):
         for r in rows:
             r[key] = statistics.median(r[runs])
-        base = {(r["model"], r["workload"], r["batch"]): r[key] for r in rows if r["way"] == "none"}
+        base = {(r["model"], r["workload"], r["batch"]): r[runs] for r in rows if r["way"] == "none"}
         for r in rows:
-            r[ratio] = r[key] / base[(r["model"], r["workload"], r["batch"])]
+            paired = [x / y for x, y in zip(r[runs], base[(r["model"], r["workload"], r["batch"])])]
+            r[ratio] = statistics.median(paired)
 
 
 def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
