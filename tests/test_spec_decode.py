@@ -63,24 +63,28 @@ def test_ngram_proposes_what_followed_the_latest_match():
     ("GPT2LMHeadModel", dict(n_inner=128)),  # learned positions
     ("BloomForCausalLM", dict()),  # ALiBi
 ])
-def test_greedy_is_identical_to_transformers_with_ngram_proposals(make_checkpoint, arch, overrides):
-    """Through chunked prefill, an odd block size and preemption: proposals are verified in the
-    flat batch with the paged KV, and rejected ones leave nothing behind."""
+def test_greedy_is_identical_to_transformers_with_both_proposers(make_checkpoint, arch, overrides):
+    """Through chunked prefill, an odd block size and preemption: proposals (n-gram, and a
+    1-layer draft of the same architecture) are verified in the flat batch with the paged KV,
+    and rejected ones leave nothing behind."""
     # A smaller init than the other tests': these weights echo their context often enough for
     # proposals to be accepted (at 0.2 nearly none are), and still leave no greedy ties.
     path, hf = make_checkpoint(arch, initializer_range=0.08, **overrides)
+    draft, _ = make_checkpoint(arch, seed=7, initializer_range=0.08, **{**overrides, "num_hidden_layers": 1})
     prompts = repetitive_prompts(seed=3)
     expected = [hf_greedy(hf, p, NEW) for p in prompts]
-    llm = LLM(path, skip_tokenizer_init=True, block_size=5, num_gpu_blocks_override=22, max_num_batched_tokens=20,
-              max_num_seqs=8, speculative_config=NGRAM)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True), use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == expected
-    s = spec_stats(llm)
-    assert s.num_drafts > 0 and 0 < s.num_accepted_tokens < s.num_draft_tokens, s
-    assert llm.llm_engine.get_stats().num_preemptions > 0
-    assert llm.llm_engine.get_stats().generation_tokens == NEW * len(prompts)
-    check_invariants(llm.llm_engine)
+    for config in (NGRAM, {"model": draft, "num_speculative_tokens": 3}):
+        llm = LLM(path, skip_tokenizer_init=True, block_size=5, num_gpu_blocks_override=22, max_num_batched_tokens=20,
+                  max_num_seqs=8, speculative_config=config)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True), use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected, config
+        s = spec_stats(llm)
+        assert s.num_drafts > 0 and s.num_accepted_tokens < s.num_draft_tokens, s
+        assert config is not NGRAM or s.num_accepted_tokens > 0, s
+        assert llm.llm_engine.get_stats().num_preemptions > 0
+        assert llm.llm_engine.get_stats().generation_tokens == NEW * len(prompts)
+        check_invariants(llm.llm_engine)
 
 
 def _trials(p: torch.Tensor, q, draft: list[int], n: int, seed: int) -> list[list[int]]:
