@@ -37,6 +37,8 @@ _PRIOR_WEIGHT = 8  # proposals' worth of that prior, so a handful of real ones d
 # Steps decided against proposing propose anyway now and then, to measure again; such probes
 # cost at most this share of the declined steps' time.
 PROBE_SHARE = 0.02
+# A "no" that held even for every budget proposed stands for this many more steps at that batch size.
+REUSE_STEPS = 7
 # A draft's catch-up on a new sequence's context counts against at most this many steps.
 AMORTIZE_STEPS = 16
 
@@ -121,6 +123,8 @@ class Speculator:
         self.overhead_s = 0.0  # measured host time per forward beyond the roofline (observe_step)
         self.times = StepTimes()  # measured step times that correct the roofline's
         self._declined_s = 0.0  # estimated time of the steps declined since the last proposal
+        # A clear "no": (batch, plain step seconds, steps it still stands, num_drafts when made).
+        self._reuse: Optional[tuple[int, float, int, int]] = None
 
     def budget(self, seq: Sequence) -> int:
         """Proposals worth making: every emitted token counts against max_tokens and the model
@@ -143,12 +147,25 @@ class Speculator:
         if not pairs:
             return
         seqs, budgets = [s for s, _ in pairs], [b for _, b in pairs]
-        plan = self._plan(running, seqs, budgets) if self.config.switches and self.peaks is not None else None
-        if plan is not None and not plan.best_pays and PROBE_SHARE * self._declined_s < plan.best_s - plan.plain:
-            # Not even every sequence proposing its whole budget would pay, and no probe is due:
-            # decline before looking anything up.
-            self._decline(plan, plan.best_inputs())
-            return
+        plan = None
+        if self.config.switches and self.peaks is not None:
+            batch, plain, left, drafts = self._reuse or (0, 0.0, 0, 0)
+            if batch == len(running) and left > 0 and drafts == self.stats.num_drafts:
+                # A clear "no" at this batch size holds for a few steps without working it out
+                # again (unless acceptance was measured since): at batch 1 a step can take under
+                # 2 ms, and the estimate ~30 us of it.
+                self._reuse = (batch, plain, left - 1, drafts)
+                self._declined_s += plain
+                self.stats.steps_without += 1
+                return
+            plan = self._plan(running, seqs, budgets)
+            if not plan.best_pays and PROBE_SHARE * self._declined_s < plan.best_s - plan.plain:
+                # Not even every sequence proposing its whole budget would pay, and no probe is
+                # due: decline before looking anything up.
+                self._decline(plan, plan.best_inputs())
+                self._reuse = (plan.batch, plan.plain, REUSE_STEPS, self.stats.num_drafts)
+                return
+        self._reuse = None
         proposals = None
         if self.ngram is not None:  # a lookup costs little: "auto" decides on the actual proposals
             proposals = [self.ngram.propose(s.token_ids, b, key=s.seq_id) for s, b in zip(seqs, budgets)]
