@@ -211,3 +211,28 @@ def test_unreadable_config_falls_back_to_fixed_limits(monkeypatch, caplog):
         assert resolve_scheduler_limits(sc, mc, CacheConfig()) is None
     assert (sc.max_num_seqs, sc.max_num_batched_tokens) == (64, 4096) and not calls
     assert "no roofline for odd" in caplog.text
+
+
+def test_bench_throughput_compares_the_chosen_limits_with_the_fixed_ones(monkeypatch):
+    """Alternating runs (roofline, fixed, roofline, ...) on the same workload; the ratio is the
+    median of the pairs' ratios, and the fixed run uses the old 64 / max(2048, max_model_len)."""
+    import argparse
+
+    from tokenmill.bench import throughput
+
+    calls = []
+    speeds = iter([100.0, 50.0, 90.0, 100.0, 120.0])  # fixed, roofline, fixed, roofline, fixed
+
+    def fake_run(model, args, work, bandwidth):
+        calls.append((args.max_num_seqs, args.max_num_batched_tokens))
+        return dict(output_tokens_per_s=next(speeds), max_num_seqs=args.max_num_seqs or 152,
+                    max_num_batched_tokens=args.max_num_batched_tokens or 512, max_model_len=4096)
+
+    monkeypatch.setattr(throughput, "_run_tokenmill", fake_run)
+    args = argparse.Namespace(max_num_seqs=None, max_num_batched_tokens=None, limits_repeats=3)
+    first = dict(output_tokens_per_s=110.0, max_num_seqs=152, max_num_batched_tokens=512, max_model_len=4096)
+    out = throughput._compare_limits("m", args, [], 1.0, first)
+    assert calls == [(64, 4096), (None, None), (64, 4096), (None, None), (64, 4096)]
+    assert [r["output_tokens_per_s"] for r in out["roofline"]] == [110.0, 50.0, 100.0]
+    assert out["ratio"] == pytest.approx(100.0 / 120.0)  # pairs 1.1, 0.556, 0.833
+    assert out["median_output_tokens_per_s"] == {"roofline": 100.0, "fixed": 100.0}

@@ -109,7 +109,6 @@ def test_leaving_a_with_block_or_deleting_the_llm_frees_the_process(make_checkpo
     del second, outs
     gc.collect()
     assert all(p.poll() is not None for p in procs)
-    LLM(path, skip_tokenizer_init=True, tensor_parallel_size=2).shutdown()
 
 
 def test_layout_errors_are_refused_before_any_process_starts(make_checkpoint):
@@ -249,9 +248,11 @@ def test_gptq_checkpoint_splits_on_group_boundaries(make_checkpoint, tmp_path, d
         (q / "config.json").write_text(json.dumps(cfg))
     prompts = [{"prompt_token_ids": p} for p in random_prompts([6, 30], seed=4)]
     ref = [o.outputs[0].token_ids for o in LLM(str(q), dtype="float32").generate(prompts, GREEDY, use_tqdm=False)]
-    conv = tmp_path / "q-tp2"
-    convert_checkpoint(str(q), str(conv), 2, "auto", echo=False)
-    for folder in (q, conv):  # cut at load time, and pre-sharded
+    folders = [q]  # cut at load time, and (one case is enough for the converter) pre-sharded
+    if desc_act is False:
+        folders.append(tmp_path / "q-tp2")
+        convert_checkpoint(str(q), str(folders[1]), 2, "auto", echo=False)
+    for folder in folders:
         llm = LLM(str(folder), dtype="float32", tensor_parallel_size=2, distributed_timeout_seconds=60)
         try:
             got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]

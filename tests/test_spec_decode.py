@@ -80,8 +80,9 @@ def test_greedy_is_identical_to_transformers_with_both_proposers(make_checkpoint
                             SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True), use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == expected, config
         s = spec_stats(llm)
-        assert s.num_drafts > 0 and s.num_accepted_tokens < s.num_draft_tokens, s
-        assert config is not NGRAM or s.num_accepted_tokens > 0, s
+        assert s.num_drafts > 0, s
+        # (A 1-layer draft may agree with its target on every token: Bloom's does here.)
+        assert config is not NGRAM or 0 < s.num_accepted_tokens < s.num_draft_tokens, s
         assert llm.llm_engine.get_stats().num_preemptions > 0
         assert llm.llm_engine.get_stats().generation_tokens == NEW * len(prompts)
         check_invariants(llm.llm_engine)
