@@ -33,12 +33,17 @@ def grammar_prefix(state: GrammarState, tokens: list[int]) -> int:
 def fill_draft_masks(state: GrammarState, tokens: list[int], mask: torch.Tensor, first_row: int) -> None:
     """Rows first_row .. first_row + len(tokens): the grammar's mask before each token and after
     the last (every token must be one the grammar accepts: see grammar_prefix)."""
+    accepted = 0
     for i, token in enumerate(tokens):
         state.matcher.fill_next_token_bitmask(mask, first_row + i)
         state.matcher.accept_token(token)
-    state.matcher.fill_next_token_bitmask(mask, first_row + len(tokens))
-    if tokens:
-        state.matcher.rollback(len(tokens))
+        accepted += 1
+        if state.matcher.is_terminated():  # a stop token: the output ends there, later rows go unused
+            break
+    if not state.matcher.is_terminated():
+        state.matcher.fill_next_token_bitmask(mask, first_row + len(tokens))
+    if accepted:
+        state.matcher.rollback(accepted)
 
 
 class Verifier:
