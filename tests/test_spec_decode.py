@@ -88,17 +88,29 @@ def test_greedy_is_identical_to_transformers_with_both_proposers(make_checkpoint
         check_invariants(llm.llm_engine)
 
 
-def _trials(p: torch.Tensor, q, draft: list[int], n: int, seed: int) -> list[list[int]]:
+def _trials(p: torch.Tensor, q, draft: list[int], n: int, seed: int, seeded: bool = False) -> list[list[int]]:
     """n verifications against target rows p ([k+1, V] probabilities) of `draft`, or, with
-    draft distributions q ([k, V]), of proposals drawn from q as a draft model draws them."""
-    logits = p.log().repeat(n, 1)
+    draft distributions q ([k, V]), of proposals drawn from q as a draft model draws them. A
+    proposed token p gives no mass to (as a grammar refuses it) is cut, as the verifier cuts it.
+    seeded: each trial is a seeded request (its own generator; the coupling)."""
     params = SamplingParams(temperature=1.0)
     g = torch.Generator().manual_seed(seed)
-    if q is None:
-        drafts = [Draft(draft, params, None) for _ in range(n)]
-    else:
-        picks = torch.multinomial(q, n, replacement=True, generator=g).T.tolist()  # [n, k]
-        drafts = [Draft(d, params, None, q) for d in picks]
+    drafts = []
+    for _ in range(n):
+        own = torch.Generator().manual_seed(int(torch.randint(1 << 30, (), generator=g))) if seeded else None
+        if q is None:
+            drafts.append(Draft(draft, params, own))
+            continue
+        if seeded:  # the draft model draws from a copy of the request's generator
+            copy = torch.Generator()
+            copy.set_state(own.get_state())
+            d = [int((q[i] / torch.empty(1, q.shape[1]).exponential_(generator=copy)[0]).argmax())
+                 for i in range(q.shape[0])]
+        else:
+            d = torch.multinomial(q, 1, replacement=True, generator=g)[:, 0].tolist()
+        kept = next((i for i, t in enumerate(d) if p[i, t] == 0), len(d))
+        drafts.append(Draft(d[:kept], params, own, q[:kept], q[kept] if kept < len(d) else None))
+    logits = torch.cat([p[:len(d.tokens) + 1].log() for d in drafts])  # k + 1 rows per draft
     return accept_drafts(logits, drafts, g)
 
 
@@ -115,22 +127,31 @@ def _chi2_ok(observed: torch.Tensor, expected_p: torch.Tensor) -> bool:
 
 
 @pytest.mark.parametrize("with_draft_probs", [False, True])
-def test_rejection_sampling_keeps_the_target_distribution(with_draft_probs):
+@pytest.mark.parametrize("seeded", [False, True])
+@pytest.mark.parametrize("grammar", [False, True])
+def test_rejection_sampling_keeps_the_target_distribution(with_draft_probs, seeded, grammar):
     """Whatever the proposal, the first emitted token follows p_0, and the second (after an
-    accepted first) follows p_1: the output distribution is the target model's."""
+    accepted first) follows p_1: the output distribution is the target model's. Also for seeded
+    requests (the coupling) and when a grammar refuses some tokens the draft likes (p is 0 on
+    them; such a draft is cut and counts as rejected)."""
     V = 6
     g = torch.Generator().manual_seed(0)
     p = torch.rand(3, V, generator=g) ** 2 + 0.02
+    if grammar:
+        p[:, :2] = 0.0
     p /= p.sum(-1, keepdim=True)
     q = None
     draft = [2, 4]
     if with_draft_probs:
         q = torch.rand(2, V, generator=g) + 0.05
+        if grammar:
+            q[:, :2] += 0.5  # the draft favours what the grammar refuses
         q /= q.sum(-1, keepdim=True)
     n = 20000
-    outs = _trials(p, q, draft, n, seed=1)
+    outs = _trials(p, q, draft, n, seed=1, seeded=seeded)
     first = torch.bincount(torch.tensor([o[0] for o in outs]), minlength=V).float()
     assert _chi2_ok(first, p[0]), (first / n, p[0])
+    assert float(first[p[0] == 0].sum()) == 0
     # len > 1: the first proposal was accepted, so the second token was drawn after it.
     seconds = torch.bincount(torch.tensor([o[1] for o in outs if len(o) > 1]), minlength=V)
     assert _chi2_ok(seconds.float(), p[1]), (seconds / seconds.sum(), p[1])
@@ -162,10 +183,14 @@ def test_features_with_proposals_match_plain_decoding(make_checkpoint):
     held = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[stop], min_tokens=5)
     assert ([o.outputs[0].token_ids for o in spec.generate(prompts, held, use_tqdm=False)]
             == [o.outputs[0].token_ids for o in plain.generate(prompts, held, use_tqdm=False)])
+    # A seeded request's tokens are its seed's, whatever the batch and whether a step speculated
+    # for it: the same as without speculation (rejection.py, the coupling).
     seeded = SamplingParams(temperature=0.8, top_k=20, max_tokens=20, ignore_eos=True, seed=7, n=2)
     once = [c.token_ids for o in spec.generate(prompts, seeded, use_tqdm=False) for c in o.outputs]
     again = [c.token_ids for o in spec.generate(prompts[::-1], seeded, use_tqdm=False)[::-1] for c in o.outputs]
-    assert once == again
+    alone = [c.token_ids for p in prompts for c in spec.generate(p, seeded, use_tqdm=False)[0].outputs]
+    without = [c.token_ids for o in plain.generate(prompts, seeded, use_tqdm=False) for c in o.outputs]
+    assert once == again == alone == without
     assert spec_stats(spec).num_accepted_tokens > 0
     check_invariants(spec.llm_engine)
 
@@ -211,10 +236,17 @@ def test_draft_model_proposals_keep_greedy_exact_and_its_kv_in_step(make_checkpo
         check_invariants(llm.llm_engine)
         proposer = llm.llm_engine.speculator.draft
         assert not proposer.mirrors and all(r == 0 for r in proposer.block_manager.ref_counts)
+    # Seeded sampling: the same tokens as without speculation, in a batch or alone.
     sampled = SamplingParams(temperature=0.9, max_tokens=NEW, ignore_eos=True, seed=3)
-    runs = [[o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], sampled,
-                                                          use_tqdm=False)] for _ in range(2)]
-    assert runs[0] == runs[1]
+    plain = LLM(path, skip_tokenizer_init=True, block_size=5)
+    without = [o.outputs[0].token_ids for o in plain.generate([{"prompt_token_ids": p} for p in prompts], sampled,
+                                                              use_tqdm=False)]
+    drafts_before = spec_stats(llm).num_drafts
+    batched = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], sampled,
+                                                            use_tqdm=False)]
+    alone = [llm.generate({"prompt_token_ids": p}, sampled, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    assert batched == alone == without
+    assert spec_stats(llm).num_drafts > drafts_before
 
 
 def test_draft_model_must_share_the_vocabulary(make_checkpoint):

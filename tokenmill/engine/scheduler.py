@@ -73,18 +73,19 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        for seq in list(self.running):  # a snapshot: preemption takes sequences out of running
+            if budget <= 0:
+                break
+            if seq not in self.running:  # preempted to make room for one scheduled before it
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if seq.spec_token_ids:
-                n = self._with_proposal(seq, n, budget)
-            if self._make_room(seq, n, out, i):
+            if self._make_room(seq, n, out):
                 out.scheduled.append((seq, n))
-                budget -= n
-                i += 1
-            else:
-                break  # seq itself was preempted or finished; it was the last one running
+                out.num_batched_tokens += n
+            budget = self.config.max_num_batched_tokens - out.num_batched_tokens
+        # Proposals come after every running sequence has its own tokens and slots: verifying
+        # them is worth less than another sequence's decode, so they take only what is left.
+        budget -= self._add_proposals(out, budget)
         # NOTE: after a preemption nothing new is admitted this step: the pool is tight.
         while (not out.num_preempted and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
@@ -114,22 +115,31 @@ class Scheduler:
         out.block_copies = self.block_manager.take_copies()
         return out
 
-    def _with_proposal(self, seq: Sequence, n: int, budget: int) -> int:
-        """A decode with proposed tokens computes them too (the verification): 1 + k tokens, as
-        the budget allows. Proposals never cost a preemption: without free blocks for them the
-        sequence decodes plainly this step."""
-        drafts = seq.spec_token_ids[:max(0, budget - 1)] if n == 1 else []
-        if drafts and not self.block_manager.can_allocate(seq, 1 + len(drafts)):
-            drafts = []
-        seq.spec_token_ids = drafts
-        if not drafts:
-            seq.spec_probs = None
-        return n + len(drafts)
+    def _add_proposals(self, out: SchedulerOutput, budget: int) -> int:
+        """Extend each scheduled decode with its proposed tokens (the verification computes
+        them too) as far as the budget and the free blocks allow, in batch order; a proposal
+        never costs a preemption. Returns the tokens added."""
+        added = 0
+        for i, (seq, n) in enumerate(out.scheduled):
+            if not seq.spec_token_ids:
+                continue
+            drafts = seq.spec_token_ids[:max(0, budget - added)] if n == 1 else []
+            while drafts and not self.block_manager.can_allocate(seq, 1 + len(drafts)):
+                drafts = drafts[:-1]
+            if drafts:
+                self.block_manager.allocate_slots(seq, 1 + len(drafts))
+                out.scheduled[i] = (seq, 1 + len(drafts))
+                added += len(drafts)
+            seq.spec_token_ids = drafts
+            if not drafts:
+                seq.spec_probs = None
+        return added
 
-    def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput, position: int) -> bool:
-        """Allocate slots for seq (running[position]), preempting running sequences not yet
-        scheduled this step until it fits: the newest first (fcfs), or the lowest priority
-        first, the newest among equals (priority)."""
+    def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
+        """Allocate slots for the running seq, preempting running sequences until it fits: the
+        newest first (fcfs), or the lowest priority first, the newest among equals (priority;
+        one scheduled earlier this step is taken out of it). False if seq itself was preempted
+        (or finished: alone in the pool and still short)."""
         while not self.block_manager.allocate_slots(seq, n):
             if len(self.running) == 1:
                 # Alone in the pool and still short: preempting itself would loop forever.
@@ -139,8 +149,11 @@ class Scheduler:
                                seq.request.request_id)
                 return False
             if self.by_priority:
-                victim = max(self.running[position:], key=lambda q: q.priority_key)
+                victim = max(self.running, key=lambda q: q.priority_key)
                 self.running.remove(victim)
+                if any(q is victim for q, _ in out.scheduled):
+                    out.num_batched_tokens -= next(m for q, m in out.scheduled if q is victim)
+                    out.scheduled = [(q, m) for q, m in out.scheduled if q is not victim]
             else:
                 victim = self.running.pop()
             self._preempt(victim)

@@ -120,6 +120,10 @@ class DraftModelProposer:
         target = {s.seq_id: s for s in seqs if s.seq_id in wanted}
         drafts: dict[int, list[int]] = {i: [] for i in wanted}
         dists: dict[int, list[torch.Tensor]] = {i: [] for i in wanted}
+        # A seeded request's drafts draw the noise rows its own decode will take at those
+        # positions (rejection.py: the coupling), from a copy: its generator advances only
+        # with the tokens it emits.
+        noise_from = {i: _copy(s.generator) for i, s in target.items() if s.generator is not None}
         active = [self._mirror(s) for s in target.values()]
         for m in active:
             self.base[m.seq_id] = len(target[self.owner[m.seq_id]].token_ids)
@@ -135,7 +139,7 @@ class DraftModelProposer:
                     token = int(processed[j].argmax())
                 else:
                     q = self.runner.sampler.probs(processed[j:j + 1], [seq.params])[0].cpu()
-                    noise = exponential_noise((1, q.shape[0]), [seq.generator], self.generator)[0]
+                    noise = exponential_noise((1, q.shape[0]), [noise_from.get(seq.seq_id)], self.generator)[0]
                     token = int((q / noise).argmax())
                     dists[seq.seq_id].append(q)
                 drafts[seq.seq_id].append(token)
@@ -165,6 +169,12 @@ class DraftModelProposer:
         """The draft's roofline time for one forward over chunks ((context, new tokens) each)."""
         flops, nbytes = self.cost.step(chunks, len(chunks))
         return max(flops / peak_flops, nbytes / peak_bandwidth)
+
+
+def _copy(generator: torch.Generator) -> torch.Generator:
+    copy = torch.Generator(device=generator.device)
+    copy.set_state(generator.get_state())
+    return copy
 
 
 def _max_len(path: str) -> int:

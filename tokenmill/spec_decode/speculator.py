@@ -139,6 +139,8 @@ class Speculator:
 
     def propose(self, running: list[Sequence]) -> None:
         """Set spec_token_ids (and spec_probs) for the next step's decodes."""
+        for seq in running:  # a sequence the last step left out keeps no proposal it was not given now
+            seq.spec_token_ids, seq.spec_probs = [], None
         if self.draft is not None:  # the draft's KV of sequences that left the batch goes back
             self.draft.release({s.seq_id for s in running})
         if self.ngram is not None and self.ngram.num_kept > len(running):

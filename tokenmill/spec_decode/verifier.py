@@ -72,7 +72,9 @@ class Verifier:
             short = banned.get(seq.seq_id, [])
             bans += [short if seq.num_output_tokens + i < seq.params.min_tokens else [] for i in range(n + 1)]
             probs = seq.spec_probs[:n] if seq.spec_probs is not None else None
-            drafts.append(Draft(tokens, seq.params, seq.generator, probs))
+            # The grammar cut a drafted token it refuses: seen and rejected, not merely unproposed.
+            cut = seq.spec_probs[n] if seq.spec_probs is not None and n < k else None
+            drafts.append(Draft(tokens, seq.params, seq.generator, probs, cut))
         bitmask = None
         if any(seq.seq_id in grammars for seq, _, _ in items):
             mask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)
