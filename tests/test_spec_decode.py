@@ -225,8 +225,13 @@ def test_draft_model_proposals_keep_greedy_exact_and_its_kv_in_step(make_checkpo
     for draft, everything_accepted in ((path, True), (small, False)):
         llm = LLM(path, skip_tokenizer_init=True, block_size=5, num_gpu_blocks_override=22, max_num_batched_tokens=20,
                   max_num_seqs=8, speculative_config={"model": draft, "num_speculative_tokens": 3})
+        runner, sizes = llm.llm_engine.speculator.draft.runner, []
+        forward = runner.forward
+        runner.forward = lambda sched: sizes.append(sched.num_batched_tokens) or forward(sched)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == expected, draft
+        # New mirrors catch up on whole prompts, in chunks no larger than a target step.
+        assert sizes and max(sizes) <= 20 and sum(sizes) > 20 * 3, sizes
         s = spec_stats(llm)
         assert s.num_drafts > 0
         if everything_accepted:

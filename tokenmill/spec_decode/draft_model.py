@@ -59,6 +59,7 @@ class DraftModelProposer:
         self.owner: dict[int, int] = {}  # mirror seq id -> target seq id
         self.base: dict[int, int] = {}  # mirror seq id -> target tokens when it last proposed
         self.generator = torch.Generator().manual_seed(target.seed + 1)
+        self.max_num_batched_tokens = scheduler.max_num_batched_tokens
         logger.info("draft model %s: %.1f MiB of weights, %d KV blocks", config.model,
                     self.runner.weight_bytes / 2**20, self.runner.num_blocks)
 
@@ -90,6 +91,33 @@ class DraftModelProposer:
         self.owner.pop(mirror.seq_id, None)
         self.base.pop(mirror.seq_id, None)
         self.block_manager.free(mirror)
+
+    def _catch_up(self, mirrors: list[Sequence]) -> None:
+        """While the mirrors' catch-up (a new mirror's whole prompt) is more than a target step
+        may compute, run it in chunks of the step's token budget up to each mirror's last token,
+        so no draft forward is larger than a target step (activations, step time)."""
+        budget = self.max_num_batched_tokens
+        while sum(m.num_tokens - m.num_computed_tokens for m in mirrors if m.seq_id in self.owner) > budget:
+            sched, left = SchedulerOutput(), budget
+            for m in mirrors:
+                n = min(m.num_tokens - m.num_computed_tokens - 1, left)  # the last token: for proposing
+                if n <= 0 or m.seq_id not in self.owner:
+                    continue
+                if not self.block_manager.allocate_slots(m, n):
+                    logger.debug("draft KV pool full: no proposal for sequence %d", self.owner[m.seq_id])
+                    self._drop(self.owner[m.seq_id])
+                    continue
+                sched.scheduled.append((m, n))
+                left -= n
+                if left <= 0:
+                    break
+            if not sched.scheduled:
+                return
+            sched.num_batched_tokens = budget - left
+            with single_process():
+                self.runner.forward(sched)
+            for m, n in sched.scheduled:
+                m.num_computed_tokens += n
 
     def _forward(self, mirrors: list[Sequence]) -> tuple[list[Sequence], Optional[torch.Tensor]]:
         """One draft forward: each mirror computes its tokens without KV (a catch-up, or the
@@ -127,6 +155,8 @@ class DraftModelProposer:
         active = [self._mirror(s) for s in target.values()]
         for m in active:
             self.base[m.seq_id] = len(target[self.owner[m.seq_id]].token_ids)
+        self._catch_up(active)
+        active = [m for m in active if m.seq_id in self.owner]  # not dropped for want of blocks
         for _ in range(max(wanted.values(), default=0)):
             ran, logits = self._forward(active)
             if logits is None:
