@@ -123,6 +123,12 @@ def test_resolve_fills_the_config_and_logs_the_numbers(monkeypatch, caplog):
         assert part in msg, (part, msg)
     # Resolved once: a second call (the engine's, say) changes nothing and probes nothing.
     assert resolve_scheduler_limits(sc, mc, cache) is None and len(calls) == 1
+    # A draft model whose KV per token equals the target's halves the pool's tokens.
+    from tokenmill.model_cost import ModelShape
+
+    draft = ModelShape.from_hf_config(mc.hf_config).cost("float32")
+    sc = SchedulerConfig(max_model_len=mc.max_model_len)
+    assert resolve_scheduler_limits(sc, mc, cache, companion=draft).kv_pool_tokens == 3 * 512 // 2
 
 
 def test_resolve_keeps_given_flags_without_probing(monkeypatch):

@@ -261,6 +261,23 @@ def test_draft_model_must_share_the_vocabulary(make_checkpoint):
         LLM(path, skip_tokenizer_init=True, speculative_config={"model": other, "num_speculative_tokens": 2})
 
 
+def test_draft_models_kv_comes_out_of_the_targets_budget(make_checkpoint):
+    """kv_cache_memory_bytes holds both pools: with a draft, each target block pays for its twin
+    in the draft's pool too, so the target gets fewer blocks and the sum stays in the budget."""
+    path, _ = make_checkpoint("LlamaForCausalLM", num_key_value_heads=2, initializer_range=0.08)
+    small, _ = make_checkpoint("LlamaForCausalLM", seed=5, num_hidden_layers=1, hidden_size=32,
+                               num_attention_heads=2, num_key_value_heads=1, initializer_range=0.08)
+    budget = 1 << 20
+    alone = LLM(path, skip_tokenizer_init=True, block_size=8, kv_cache_memory_bytes=budget).llm_engine.model_runner
+    llm = LLM(path, skip_tokenizer_init=True, block_size=8, kv_cache_memory_bytes=budget,
+              speculative_config={"model": small, "num_speculative_tokens": 2})
+    target, draft = llm.llm_engine.model_runner, llm.llm_engine.speculator.draft.runner
+    per_block = (target.kv_bytes_per_token + draft.kv_bytes_per_token) * 8
+    assert target.num_blocks == budget // per_block < alone.num_blocks == budget // (target.kv_bytes_per_token * 8)
+    pools = sum(r.kv_cache.numel() * r.kv_cache.element_size() for r in (target, draft))
+    assert pools <= budget and draft.num_blocks == target.num_blocks
+
+
 class _FakeCost:
     """A 1 GB, 0.5 GFLOP-per-token model: decode is bandwidth-bound until ~200 tokens a step on
     a device of 100 TFLOP/s and 1 TB/s (ridge 100 FLOP/byte)."""
@@ -302,12 +319,19 @@ def test_auto_speculates_only_while_the_roofline_says_it_pays():
     mid = _decoding(128)
     spec.propose(mid)
     assert not spec.stats.decision["speculate"]
-    spec.stats.num_drafts = 1000
-    spec.stats.accepted_per_position = [1000] * 4
+    for _ in range(8):  # every proposal accepted, 1024 times
+        spec.record({s.seq_id: 4 for s in mid}, {s.seq_id: [None] * 5 for s in mid})
     spec.propose(mid)
     assert spec.stats.decision["speculate"] and spec.stats.decision["expected_accepted_length"] > 4.9
     spec.propose(_decoding(512))
     assert not spec.stats.decision["speculate"]
+    # The workload changes and proposals stop being accepted: recent ones outweigh the past,
+    # though the counters (vLLM's) still hold every proposal ever verified.
+    for _ in range(8):
+        spec.record({s.seq_id: 4 for s in mid}, {s.seq_id: [None] for s in mid})
+    spec.propose(mid)
+    assert not spec.stats.decision["speculate"] and spec.stats.decision["expected_accepted_length"] < 2.5
+    assert spec.stats.num_drafts == 2048 and spec.stats.acceptance_rate == 0.5
 
 
 @pytest.mark.parametrize("layout,spec", [

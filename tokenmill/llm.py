@@ -13,6 +13,7 @@ from tokenmill.engine.llm_engine import LLMEngine, PromptType
 from tokenmill.outputs import RequestOutput
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 from tokenmill.spec_decode.config import SpeculativeConfig
+from tokenmill.spec_decode.draft_model import draft_cost
 from tokenmill.tokenizer import chat_template_ids
 
 logger = logging.getLogger(__name__)
@@ -71,9 +72,10 @@ class LLM:
                                          pipeline_parallel_size=pipeline_parallel_size,
                                          distributed_timeout_seconds=distributed_timeout_seconds)
         # Before the engine: the KV pool's size on CPU depends on max_num_seqs.
-        resolve_scheduler_limits(scheduler_config, model_config, cache_config, parallel_config)
-        self.llm_engine = LLMEngine(model_config, cache_config, scheduler_config, parallel_config,
-                                    SpeculativeConfig.parse(speculative_config))
+        spec = SpeculativeConfig.parse(speculative_config)
+        resolve_scheduler_limits(scheduler_config, model_config, cache_config, parallel_config,
+                                 draft_cost(spec, model_config.torch_dtype) if spec is not None else None)
+        self.llm_engine = LLMEngine(model_config, cache_config, scheduler_config, parallel_config, spec)
 
     def shutdown(self) -> None:
         """Stop the worker processes of a tensor/pipeline-parallel engine. Also done on leaving a

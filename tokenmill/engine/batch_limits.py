@@ -132,32 +132,37 @@ def _weight_bytes_if_quantized(shape: ModelShape, cost: ModelCost, hf_config: An
     return int((shape.num_params - cost.matmul_params) * per + cost.matmul_params * bits / 8)
 
 
-def _kv_pool_tokens(cost: ModelCost, model_config: Any, cache_config: Any, world_size: int) -> Optional[int]:
+def _kv_pool_tokens(cost: ModelCost, model_config: Any, cache_config: Any, world_size: int,
+                    companion: Optional[ModelCost] = None) -> Optional[int]:
     """Tokens the KV pool will hold, before the model loads, by model_runner._num_blocks' rules
     (less its cap at max_num_seqs full sequences on CPU, which is what is being chosen here).
-    Each rank holds ~1/world_size of every token's KV (its heads or its layers)."""
+    Each rank holds ~1/world_size of every token's KV (its heads or its layers); a draft model
+    (`companion`, whole on rank 0) takes its weights and its KV per token from the same budget."""
     import torch
 
     from tokenmill.engine import model_runner as mr
 
     if cache_config.num_gpu_blocks_override is not None:
         return None  # vLLM's knob for testing preemption: capping the batch by it would defeat it
-    per_rank_token = max(1, cost.kv_bytes_per_token // world_size)
+    draft_weights, draft_kv = (companion.weight_bytes, companion.kv_bytes_per_token) if companion else (0, 0)
+    per_rank_token = max(1, cost.kv_bytes_per_token // world_size + draft_kv)
     if cache_config.kv_cache_memory_bytes is not None:
         budget = cache_config.kv_cache_memory_bytes
     elif model_config.torch_device.type == "cuda":
         free, total = torch.cuda.mem_get_info(model_config.torch_device)
         budget = int(min(free, total * mr._CUDA_MEMORY_FRACTION)) - mr._CUDA_ACTIVATION_RESERVE \
-            - cost.weight_bytes // world_size  # the weights are not loaded yet
+            - cost.weight_bytes // world_size - draft_weights  # the weights are not loaded yet
     else:
-        budget = int(mr._available_ram() * mr._CPU_MEMORY_FRACTION / world_size)
+        budget = int(mr._available_ram() * mr._CPU_MEMORY_FRACTION / world_size) - draft_weights
     return max(0, budget // per_rank_token)
 
 
 def resolve_scheduler_limits(scheduler_config: Any, model_config: Any, cache_config: Any,
-                             parallel_config: Any = None) -> Optional[BatchLimits]:
+                             parallel_config: Any = None, companion: Optional[ModelCost] = None
+                             ) -> Optional[BatchLimits]:
     """Fill the scheduler's max_num_seqs / max_num_batched_tokens left None, in place, and log why.
-    Explicit values win; with both given nothing is probed. Returns the choice (None if none made)."""
+    Explicit values win; with both given nothing is probed. Returns the choice (None if none made).
+    `companion` is a draft model's cost, whose memory the KV pool leaves free."""
     sc = scheduler_config
     if sc.max_num_seqs is not None and sc.max_num_batched_tokens is not None:
         return None
@@ -179,7 +184,7 @@ def resolve_scheduler_limits(scheduler_config: Any, model_config: Any, cache_con
     # Over continuous batching, sequences are at every point between their prompt and their end,
     # so one that may grow to max_model_len holds about half of it on average.
     typical = max(1, sc.max_model_len // 2)
-    limits = choose_limits(cost, flops, bandwidth, _kv_pool_tokens(cost, model_config, cache_config, world), typical,
+    limits = choose_limits(cost, flops, bandwidth, _kv_pool_tokens(cost, model_config, cache_config, world, companion), typical,
                            sc.max_model_len, sc.max_num_seqs, sc.max_num_batched_tokens)
     given = [n for n in ("max_num_seqs", "max_num_batched_tokens") if getattr(sc, n) is not None]
     sc.max_num_seqs, sc.max_num_batched_tokens = limits.max_num_seqs, limits.max_num_batched_tokens

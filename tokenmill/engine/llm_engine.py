@@ -23,6 +23,7 @@ from tokenmill.outputs import CompletionOutput, RequestOutput
 from tokenmill.tokenizer import load_tokenizer
 from tokenmill.sampling_params import RequestOutputKind, SamplingParams
 from tokenmill.spec_decode.config import SpeculativeConfig
+from tokenmill.spec_decode.draft_model import draft_cost
 from tokenmill.spec_decode.speculator import Speculator, make_speculator
 from tokenmill.structured.grammars import GrammarCache, GrammarMatchesNothing
 from tokenmill.structured.matcher import GrammarState
@@ -50,8 +51,11 @@ class LLMEngine:
         self.speculative_config = speculative_config
         self.scheduler_config = scheduler_config
         self.parallel_config = parallel_config or ParallelConfig()
+        # A draft model's weights and KV come out of the target's KV budget.
+        self.draft_cost = draft_cost(speculative_config, model_config.torch_dtype) \
+            if speculative_config is not None else None
         # Limits left None are chosen from the roofline (a no-op when LLM() already did).
-        resolve_scheduler_limits(scheduler_config, model_config, cache_config, self.parallel_config)
+        resolve_scheduler_limits(scheduler_config, model_config, cache_config, self.parallel_config, self.draft_cost)
         if get_parallel_state().world_size > 1:
             raise ValueError("a tensor/pipeline-parallel engine is already running in this process; "
                              "shut it down first (LLM.shutdown())")
@@ -74,7 +78,7 @@ class LLMEngine:
         self.tokenizer = None
         if not model_config.skip_tokenizer_init:
             self.tokenizer = load_tokenizer(model_config.model)
-        self.model_runner = ModelRunner(model_config, cache_config, scheduler_config, self.executor)
+        self.model_runner = ModelRunner(model_config, cache_config, scheduler_config, self.executor, self.draft_cost)
         if self.tokenizer is not None:
             tok = self.tokenizer
             self.model_runner.token_text = lambda t: tok.decode([t])

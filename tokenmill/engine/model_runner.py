@@ -46,7 +46,11 @@ class ModelRunner:
     through the executor, and samples."""
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
-                 scheduler_config: SchedulerConfig, executor: Optional[Any] = None) -> None:
+                 scheduler_config: SchedulerConfig, executor: Optional[Any] = None,
+                 companion: Optional[ModelCost] = None) -> None:
+        # companion: the cost of a draft model that loads after this one on the same device and
+        # keeps one KV block per block of this pool; its weights and KV come out of the same budget.
+        self.companion = companion
         self.model_config = model_config
         self.executor = executor
         self.hidden_size = model_config.hf_config.hidden_size
@@ -96,20 +100,24 @@ class ModelRunner:
         return self.cost.kv_bytes_per_token
 
     def _num_blocks(self, cache: CacheConfig, sched: SchedulerConfig) -> int:
-        per_block = self.kv_bytes_per_token * self.block_size
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
+        # A block here is a block of this pool plus, with a draft model, its twin in the draft's
+        # pool; kv_cache_memory_bytes holds both pools, a free-memory budget also the draft's weights.
+        draft_weights, draft_kv = (self.companion.weight_bytes, self.companion.kv_bytes_per_token) \
+            if self.companion is not None else (0, 0)
+        per_block = (self.kv_bytes_per_token + draft_kv) * self.block_size
         if cache.kv_cache_memory_bytes is not None:
             budget = cache.kv_cache_memory_bytes
         elif self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = int(min(free, total * _CUDA_MEMORY_FRACTION)) - _CUDA_ACTIVATION_RESERVE
+            budget = int(min(free, total * _CUDA_MEMORY_FRACTION)) - _CUDA_ACTIVATION_RESERVE - draft_weights
         else:
             # No point holding more than max_num_seqs full-length sequences could ever use.
             most = sched.max_num_seqs * (-(-sched.max_model_len // self.block_size)) * per_block
             # Ranks on one machine share its RAM.
             share = _CPU_MEMORY_FRACTION / get_parallel_state().world_size
-            budget = min(int(_available_ram() * share), most)
+            budget = min(int(_available_ram() * share) - draft_weights, most)
         return max(0, int(budget // per_block))  # checked once every rank has agreed (see __init__)
 
     def _allocate_kv_cache(self) -> None:

@@ -28,6 +28,7 @@ from tokenmill.engine.block_manager import BlockManager
 from tokenmill.engine.scheduler import SchedulerOutput
 from tokenmill.engine.sequence import Request, Sequence
 from tokenmill.layers.sampler import exponential_noise
+from tokenmill.model_cost import ModelCost, ModelShape
 from tokenmill.sampling_params import SamplingParams
 from tokenmill.spec_decode.config import SpeculativeConfig
 
@@ -212,3 +213,19 @@ def _max_len(path: str) -> int:
 
     cfg = AutoConfig.from_pretrained(path)
     return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 30)
+
+
+def draft_cost(config: SpeculativeConfig, dtype: torch.dtype) -> Optional[ModelCost]:
+    """The draft model's cost read from its config.json, before either model loads, so that the
+    target's KV pool leaves room for the draft's weights and pool (None when there is no draft or
+    its config has no shape the roofline can read: the pool is then sized as without a draft)."""
+    if config.model is None:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return ModelShape.from_hf_config(AutoConfig.from_pretrained(config.model)).cost(str(dtype).replace("torch.", ""))
+    except ValueError as e:
+        logger.warning("draft model %s: no cost from its config (%s); the KV pool does not reserve its memory",
+                       config.model, e)
+        return None

@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 # Before anything is measured, "auto" assumes each position is accepted half the time.
 _PRIOR_ACCEPTANCE = 0.5
 _PRIOR_WEIGHT = 8  # proposals' worth of that prior, so a handful of real ones dominate it
+# The acceptance "auto" plans with forgets each verified proposal at this rate per later one
+# (a memory of ~500 proposals), so it follows a workload that changes (a repetitive batch of
+# requests, then free chat) instead of averaging over the server's whole life.
+_ACCEPTANCE_DECAY = 1 - 1 / 512
 # Steps decided against proposing propose anyway now and then, to measure again; such probes
 # cost at most this share of the declined steps' time.
 PROBE_SHARE = 0.02
@@ -119,6 +123,8 @@ class Speculator:
         self.ngram = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max) if config.uses_ngram else None
         self.draft = draft
         self.stats = SpecDecodeStats(accepted_per_position=[0] * self.k)
+        # Decayed counts behind expected_lengths: [proposals verified, accepted at position 1, ...].
+        self.recent = [0.0] * (self.k + 1)
         self.peaks: Optional[tuple[float, float]] = None  # (FLOP/s, bytes/s), set by the engine for "auto"
         self.overhead_s = 0.0  # measured host time per forward beyond the roofline (observe_step)
         self.times = StepTimes()  # measured step times that correct the roofline's
@@ -186,12 +192,12 @@ class Speculator:
             seq.spec_token_ids = proposal
 
     def expected_lengths(self) -> list[float]:
-        """E[tokens emitted by a verification of n proposals], n = 0..k, from the measured
-        per-position acceptance (each position's unconditional rate), blended with a prior."""
-        s, w = self.stats, _PRIOR_WEIGHT
+        """E[tokens emitted by a verification of n proposals], n = 0..k, from the recently
+        measured per-position acceptance (each position's unconditional rate), blended with a prior."""
+        r, w = self.recent, _PRIOR_WEIGHT
         out = [1.0]
         for j in range(self.k):
-            out.append(out[-1] + (s.accepted_per_position[j] + w * _PRIOR_ACCEPTANCE ** (j + 1)) / (s.num_drafts + w))
+            out.append(out[-1] + (r[j + 1] + w * _PRIOR_ACCEPTANCE ** (j + 1)) / (r[0] + w))
         return out
 
     def _plan(self, running: list[Sequence], seqs: list[Sequence], budgets: list[int]) -> "_Plan":
@@ -282,18 +288,30 @@ class Speculator:
             self.overhead_s = extra if self.overhead_s == 0.0 else 0.9 * self.overhead_s + 0.1 * extra
 
     def record(self, drafted: dict[int, int], sampled: dict[int, list[SampledToken]]) -> None:
-        """After a step: each verified proposal's accepted length."""
-        s = self.stats
+        """After a step: each verified proposal's accepted length. As in vLLM, a proposal the
+        model accepted counts even when a stop string or token then ends the output before it:
+        the counters measure the proposer, not the output."""
+        s, r = self.stats, self.recent
+        accepted_at = [0] * self.k
+        verified = 0
         for seq_id, k in drafted.items():
             tokens = sampled.get(seq_id)
             if not tokens or k == 0:
                 continue
             accepted = len(tokens) - 1
-            s.num_drafts += 1
+            verified += 1
             s.num_draft_tokens += k
             s.num_accepted_tokens += accepted
             for j in range(accepted):
-                s.accepted_per_position[j] += 1
+                accepted_at[j] += 1
+        if not verified:
+            return
+        s.num_drafts += verified
+        decay = _ACCEPTANCE_DECAY ** verified
+        r[0] = r[0] * decay + verified
+        for j, n in enumerate(accepted_at):
+            s.accepted_per_position[j] += n
+            r[j + 1] = r[j + 1] * decay + n
 
 
 def make_speculator(config: SpeculativeConfig, model_config: Any, cache_config: Any, scheduler_config: Any,
