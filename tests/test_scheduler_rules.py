@@ -60,6 +60,22 @@ def test_proposals_take_only_budget_no_decode_needs():
     assert out.num_batched_tokens == 4
 
 
+def test_proposals_never_cost_a_waiting_request_its_blocks():
+    """A waiting prompt is admitted before proposals take blocks: under priority scheduling the
+    proposals would otherwise make it preempt a running request, and under fcfs keep it waiting."""
+    for policy, waiting_priority in (("priority", 1), ("fcfs", 0)):
+        sched = make(num_blocks=4, policy=policy)
+        a = decoding(sched, 7, "A", priority=0)  # 2 blocks, its decode fits
+        decoding(sched, 3, "B", priority=5 if policy == "priority" else 0)  # 1 block
+        sched.add(Request("C", None, [1, 2, 3, 4], SamplingParams(max_tokens=5), waiting_priority).seqs[0])
+        a.spec_token_ids = [11, 12, 13]  # would take the last free block
+        out = sched.schedule()
+        assert ids(out.scheduled) == [("A", 2), ("B", 1), ("C", 4)], policy
+        assert out.num_preempted == 0 and sched.num_priority_preemptions == 0 and not sched.waiting
+        assert a.spec_token_ids == [11]
+        assert_blocks_add_up(sched)
+
+
 def test_a_running_request_preempts_the_lowest_priority_one_even_if_scheduled_first():
     sched = make(num_blocks=4, policy="priority")
     decoding(sched, 9, "low", priority=5)  # admitted first, 2 blocks, needs a 3rd

@@ -153,7 +153,7 @@ def _kv_pool_tokens(cost: ModelCost, model_config: Any, cache_config: Any, world
         budget = int(min(free, total * mr._CUDA_MEMORY_FRACTION)) - mr._CUDA_ACTIVATION_RESERVE \
             - cost.weight_bytes // world_size - draft_weights  # the weights are not loaded yet
     else:
-        budget = int(mr._available_ram() * mr._CPU_MEMORY_FRACTION / world_size) - draft_weights
+        budget = int((mr._available_ram() - draft_weights) * mr._CPU_MEMORY_FRACTION / world_size)
     return max(0, budget // per_rank_token)
 
 

@@ -115,9 +115,10 @@ class ModelRunner:
         else:
             # No point holding more than max_num_seqs full-length sequences could ever use.
             most = sched.max_num_seqs * (-(-sched.max_model_len // self.block_size)) * per_block
-            # Ranks on one machine share its RAM.
+            # Ranks on one machine share its RAM. The draft loads after this pool is sized, so
+            # its weights come off the free RAM before the share is taken, as the target's did.
             share = _CPU_MEMORY_FRACTION / get_parallel_state().world_size
-            budget = min(int(_available_ram() * share) - draft_weights, most)
+            budget = min(int((_available_ram() - draft_weights) * share), most)
         return max(0, int(budget // per_block))  # checked once every rank has agreed (see __init__)
 
     def _allocate_kv_cache(self) -> None:

@@ -83,9 +83,6 @@ class Scheduler:
                 out.scheduled.append((seq, n))
                 out.num_batched_tokens += n
             budget = self.config.max_num_batched_tokens - out.num_batched_tokens
-        # Proposals come after every running sequence has its own tokens and slots: verifying
-        # them is worth less than another sequence's decode, so they take only what is left.
-        budget -= self._add_proposals(out, budget)
         # NOTE: after a preemption nothing new is admitted this step: the pool is tight.
         while (not out.num_preempted and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
@@ -111,6 +108,10 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append((seq, n))
             budget -= n
+        # Proposals come last, after every running sequence's own tokens and every admission:
+        # verifying them is worth less than another sequence's decode or a waiting prompt, so
+        # they take only the budget and blocks left (they never cost a preemption or a wait).
+        self._add_proposals(out, budget)
         out.num_batched_tokens = sum(n for _, n in out.scheduled)
         out.block_copies = self.block_manager.take_copies()
         return out
