@@ -475,3 +475,26 @@ def test_measured_steps_overrule_the_roofline():
     for x, y in [(0, 2.0), (8, 10.0)] * 10:
         line.add(x, y)
     assert line.predict(4, 1.0, 0.5, 4) == pytest.approx(6.0, rel=0.02)
+
+
+def test_a_drafts_no_is_reused_like_any_clear_no(make_checkpoint, monkeypatch):
+    """With a draft model a "no" covers the best case (every budget proposed), so it holds for
+    REUSE_STEPS steps as the lookup-free "no" does, instead of working the plan out every step."""
+    from tokenmill.spec_decode.speculator import REUSE_STEPS, Speculator
+
+    path, _ = make_checkpoint("LlamaForCausalLM", num_key_value_heads=2, initializer_range=0.08)
+    small, _ = make_checkpoint("LlamaForCausalLM", seed=5, num_hidden_layers=1, initializer_range=0.08)
+    plans = []
+    original = Speculator._plan
+    monkeypatch.setattr(Speculator, "_plan", lambda self, *a: plans.append(1) or original(self, *a))
+    llm = LLM(path, skip_tokenizer_init=True, speculative_config={"method": "auto", "model": small,
+                                                                  "num_speculative_tokens": 4})
+    spec = llm.llm_engine.speculator
+    # Proposing is free here but each token a new mirror catches up costs 50 ms: the best case
+    # pays before the catch-up is counted, and never after (a probe aside).
+    monkeypatch.setattr(spec, "_draft_line", lambda seqs: (0.0, 0.05))
+    llm.generate([{"prompt_token_ids": p} for p in random_prompts([9] * 8, seed=2)],
+                 SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    s = spec_stats(llm)
+    assert s.steps_without > 30
+    assert len(plans) <= s.steps_with_proposals + s.steps_without / (REUSE_STEPS + 1) + 8, (len(plans), s)

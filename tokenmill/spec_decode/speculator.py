@@ -180,6 +180,8 @@ class Speculator:
             if not any(proposals):
                 return
         if plan is not None and not self.pays(plan, seqs, [len(p) for p in proposals] if proposals else budgets):
+            if proposals is None:  # a draft's "no" was on the best case too: as clear, reused alike
+                self._reuse = (plan.batch, plan.plain, REUSE_STEPS, self.stats.num_drafts)
             return
         self.stats.steps_with_proposals += 1
         if self.draft is not None:
