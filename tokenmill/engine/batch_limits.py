@@ -138,15 +138,22 @@ def _kv_pool_tokens(cost: ModelCost, model_config: Any, cache_config: Any, world
     (less its cap at max_num_seqs full sequences on CPU, which is what is being chosen here).
     Each rank holds ~1/world_size of every token's KV (its heads or its layers); a draft model
     (`companion`, whole on rank 0) takes its weights and its KV per token from the same budget."""
+    import torch
+
     from tokenmill.engine import model_runner as mr
 
     if cache_config.num_gpu_blocks_override is not None:
         return None  # vLLM's knob for testing preemption: capping the batch by it would defeat it
     draft_weights, draft_kv = (companion.weight_bytes, companion.kv_bytes_per_token) if companion else (0, 0)
     per_rank_token = max(1, cost.kv_bytes_per_token // world_size + draft_kv)
-    # The target's weights are not loaded yet: on CUDA they come off the free memory too.
-    budget = mr.kv_budget_bytes(cache_config, model_config.torch_device, world_size, draft_weights,
-                                unloaded_weights=cost.weight_bytes // world_size)
+    if cache_config.kv_cache_memory_bytes is not None:
+        budget = cache_config.kv_cache_memory_bytes
+    elif model_config.torch_device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(model_config.torch_device)
+        budget = int(min(free, total * mr._CUDA_MEMORY_FRACTION)) - mr._CUDA_ACTIVATION_RESERVE \
+            - cost.weight_bytes // world_size - draft_weights  # the weights are not loaded yet
+    else:
+        budget = int((mr._available_ram() - draft_weights) * mr._CPU_MEMORY_FRACTION / world_size)
     return max(0, budget // per_rank_token)
 
 

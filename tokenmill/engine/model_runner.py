@@ -40,21 +40,6 @@ def _available_ram() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def kv_budget_bytes(cache: CacheConfig, device: torch.device, world_size: int, draft_weights: int = 0,
-                    unloaded_weights: int = 0) -> int:
-    """Bytes one rank's KV pool may take: kv_cache_memory_bytes when given; else on CUDA the free
-    device memory (at most _CUDA_MEMORY_FRACTION) less an activation reserve, the weights not
-    loaded yet and a draft's; on CPU a share of the free RAM, split between the ranks (they
-    share the machine). A draft loads after the pool is sized, so its weights come off the free
-    memory before the share is taken, as the target's did."""
-    if cache.kv_cache_memory_bytes is not None:
-        return cache.kv_cache_memory_bytes
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        return int(min(free, total * _CUDA_MEMORY_FRACTION)) - _CUDA_ACTIVATION_RESERVE - unloaded_weights - draft_weights
-    return int((_available_ram() - draft_weights) * _CPU_MEMORY_FRACTION / world_size)
-
-
 class ModelRunner:
     """One per rank. `run` (every rank) computes a step's forward on this rank's slice of the
     model; `execute` (rank 0) builds the step from the scheduler's output, has every rank run it
@@ -122,10 +107,18 @@ class ModelRunner:
         draft_weights, draft_kv = (self.companion.weight_bytes, self.companion.kv_bytes_per_token) \
             if self.companion is not None else (0, 0)
         per_block = (self.kv_bytes_per_token + draft_kv) * self.block_size
-        budget = kv_budget_bytes(cache, self.device, get_parallel_state().world_size, draft_weights)
-        if cache.kv_cache_memory_bytes is None and self.device.type != "cuda":
+        if cache.kv_cache_memory_bytes is not None:
+            budget = cache.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(min(free, total * _CUDA_MEMORY_FRACTION)) - _CUDA_ACTIVATION_RESERVE - draft_weights
+        else:
             # No point holding more than max_num_seqs full-length sequences could ever use.
-            budget = min(budget, sched.max_num_seqs * (-(-sched.max_model_len // self.block_size)) * per_block)
+            most = sched.max_num_seqs * (-(-sched.max_model_len // self.block_size)) * per_block
+            # Ranks on one machine share its RAM. The draft loads after this pool is sized, so
+            # its weights come off the free RAM before the share is taken, as the target's did.
+            share = _CPU_MEMORY_FRACTION / get_parallel_state().world_size
+            budget = min(int((_available_ram() - draft_weights) * share), most)
         return max(0, int(budget // per_block))  # checked once every rank has agreed (see __init__)
 
     def _allocate_kv_cache(self) -> None:

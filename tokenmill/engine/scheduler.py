@@ -116,10 +116,10 @@ class Scheduler:
         out.block_copies = self.block_manager.take_copies()
         return out
 
-    def _add_proposals(self, out: SchedulerOutput, budget: int) -> None:
+    def _add_proposals(self, out: SchedulerOutput, budget: int) -> int:
         """Extend each scheduled decode with its proposed tokens (the verification computes
         them too) as far as the budget and the free blocks allow, in batch order; a proposal
-        never costs a preemption."""
+        never costs a preemption. Returns the tokens added."""
         added = 0
         for i, (seq, n) in enumerate(out.scheduled):
             if not seq.spec_token_ids:
@@ -134,6 +134,7 @@ class Scheduler:
             seq.spec_token_ids = drafts
             if not drafts:
                 seq.spec_probs = None
+        return added
 
     def _make_room(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
         """Allocate slots for the running seq, preempting running sequences until it fits: the
